@@ -1,0 +1,92 @@
+//! Micro-benchmarks of the store's hot paths on the real engine and the real disk:
+//! WAL append + fsync per batch (group commit), and MVCC put / range on RocksDB.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use raft::prelude::{Entry, HardState, SnapshotMetadata};
+
+use pontoon_proto::etcdserverpb::{PutRequest, RangeRequest};
+use pontoon_proto::internal::internal_request::Request as Op;
+use pontoon_proto::internal::InternalRequest;
+use pontoon_store::mvcc::MvccStore;
+use pontoon_store::raft::wal::Wal;
+
+fn wal_append_sync(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wal_append_fsync");
+    for batch in [1usize, 16, 256] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(
+            dir.path(),
+            &SnapshotMetadata::default(),
+            &HardState::default(),
+        )
+        .unwrap();
+        let mut index = 0u64;
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| {
+                let ents: Vec<Entry> = (0..batch)
+                    .map(|_| {
+                        index += 1;
+                        let mut e = Entry::default();
+                        e.index = index;
+                        e.term = 1;
+                        e.data = vec![7u8; 300].into();
+                        e
+                    })
+                    .collect();
+                wal.append(&ents).unwrap();
+                wal.sync().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn mvcc_put_range(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MvccStore::open(dir.path()).unwrap();
+    let mut index = 0u64;
+    let mut g = c.benchmark_group("mvcc");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("put_256B", |b| {
+        b.iter(|| {
+            index += 1;
+            let req = InternalRequest {
+                id: index,
+                request: Some(Op::Put(PutRequest {
+                    key: format!("/registry/pods/default/pod-{:06}", index % 100_000).into_bytes(),
+                    value: vec![1u8; 256],
+                    ..Default::default()
+                })),
+            };
+            store.apply(index, &req).unwrap();
+        })
+    });
+    let mut n = 0u64;
+    g.bench_function("range_single_key", |b| {
+        b.iter(|| {
+            n += 1;
+            let req = RangeRequest {
+                key: format!("/registry/pods/default/pod-{:06}", n % index.max(1)).into_bytes(),
+                ..Default::default()
+            };
+            store.range(&req).unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("range_prefix_limit_100", |b| {
+        b.iter(|| {
+            let req = RangeRequest {
+                key: b"/registry/pods/".to_vec(),
+                range_end: b"/registry/pods0".to_vec(),
+                limit: 100,
+                ..Default::default()
+            };
+            store.range(&req).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, wal_append_sync, mvcc_put_range);
+criterion_main!(benches);

@@ -1,0 +1,105 @@
+//! The store's error type.
+//!
+//! Errors fall in two groups, as in toydb: *deterministic* errors are part of the
+//! request's answer (every member computes the same one from the same log entry,
+//! e.g. "requested lease not found") and go back to the client; everything else
+//! (disk, corruption) is not, and a member that meets one while applying must stop
+//! rather than diverge from its peers. `server::status` is the one place that turns
+//! these into etcd's gRPC codes and message texts.
+
+use std::io;
+
+/// Result alias for the store.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- request validation and deterministic apply errors (etcd's texts) ----
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExist,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+
+    // ---- availability: the request may be retried ----
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+
+    // ---- not deterministic: a member that meets one while applying must stop ----
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("raft log I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("data corruption: {0}")]
+    Corrupt(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// True if every member applying the same log entry reaches the same error, so it
+    /// is the request's answer rather than a reason to stop the member.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(
+            self,
+            Error::EmptyKey
+                | Error::KeyNotFound
+                | Error::ValueProvided
+                | Error::LeaseProvided
+                | Error::TooManyOps
+                | Error::DuplicateKey
+                | Error::InvalidSortOption
+                | Error::Compacted
+                | Error::FutureRev
+                | Error::LeaseNotFound
+                | Error::LeaseExist
+                | Error::LeaseTtlTooLarge
+                | Error::RequestTooLarge
+        )
+    }
+}
+
+impl From<rocksdb::Error> for Error {
+    fn from(e: rocksdb::Error) -> Self {
+        Error::Engine(e.into_string())
+    }
+}
+
+impl From<::raft::Error> for Error {
+    fn from(e: ::raft::Error) -> Self {
+        Error::Raft(e.to_string())
+    }
+}
+
+impl From<prost::DecodeError> for Error {
+    fn from(e: prost::DecodeError) -> Self {
+        Error::Corrupt(format!("undecodable record: {e}"))
+    }
+}

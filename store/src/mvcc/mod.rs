@@ -1,0 +1,340 @@
+//! MVCC key-value store on RocksDB, with etcd's revision model.
+//!
+//! Column families (see DESIGN.md, "Storage"):
+//!
+//! - `rev`: [`Revision`] (16 bytes, big-endian) -> one flag byte (0 put, 1 tombstone)
+//!   and the protobuf `mvccpb.KeyValue`. Both the value store and the history that
+//!   reads at old revisions and watchers catch up from.
+//! - `index`: raw user key -> [`KeyIndex`], the key's changes. Range scans iterate it.
+//! - `meta`: applied raft index, current and compacted revision, member identity.
+//!
+//! Invariants:
+//!
+//! - **Atomic apply.** Each applied raft entry is one RocksDB write batch holding its
+//!   changes and the new applied index, so after a crash the store is exactly the
+//!   state after some entry, and replay resumes at the next one. Batches are written
+//!   with RocksDB's WAL but without fsync: the raft log is the durable record, and log
+//!   truncation first syncs this WAL (see `raft::node`).
+//! - **One writer.** Only the apply loop writes. Readers take a RocksDB snapshot after
+//!   loading the current revision, so every revision they may read is in it.
+//! - **Compaction is published before it deletes.** The compacted revision is raised in
+//!   memory before the batch deleting old revisions is written, and readers load it
+//!   after taking their snapshot, so a reader never sees a half-deleted history.
+//! - Restart reads three numbers from `meta`; nothing proportional to the number of
+//!   keys is loaded or rebuilt.
+
+pub mod apply;
+pub mod history;
+pub mod key_index;
+pub mod lease;
+pub mod range;
+pub mod revision;
+pub mod span;
+pub mod view;
+pub mod write;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prost::Message;
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use pontoon_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse,
+    RangeRequest, RangeResponse, ResponseHeader, TxnResponse,
+};
+use pontoon_proto::internal::internal_request::Request as InternalOp;
+use pontoon_proto::internal::InternalRequest;
+use pontoon_proto::mvccpb::KeyValue;
+
+use crate::error::{Error, Result};
+pub use key_index::KeyIndex;
+pub use revision::Revision;
+pub use span::KeySpan;
+pub use write::Change;
+
+pub(crate) const CF_REV: &str = "rev";
+pub(crate) const CF_INDEX: &str = "index";
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_LEASE: &str = "lease";
+
+const META_APPLIED_INDEX: &[u8] = b"applied_index";
+const META_CURRENT_REV: &[u8] = b"current_revision";
+const META_COMPACT_REV: &[u8] = b"compact_revision";
+
+/// The answer to an applied write request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApplyResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    LeaseCheckpoint,
+}
+
+/// What applying one entry did.
+#[derive(Debug)]
+pub struct Applied {
+    /// The request's answer: a response, or a deterministic error such as
+    /// `LeaseNotFound`, after which nothing was changed.
+    pub response: Result<ApplyResponse>,
+    /// The changes made, in revision order (empty on error).
+    pub changes: Vec<Change>,
+}
+
+pub struct MvccStore {
+    pub(crate) db: DB,
+    current: AtomicI64,
+    compacted: AtomicI64,
+    applied: AtomicU64,
+}
+
+pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + kv.encoded_len());
+    out.push(tombstone as u8);
+    kv.encode(&mut out).expect("Vec has room");
+    out
+}
+
+pub(crate) fn decode_record(b: &[u8]) -> Result<(bool, KeyValue)> {
+    match b.split_first() {
+        Some((&flag, rest)) if flag <= 1 => Ok((flag == 1, KeyValue::decode(rest)?)),
+        _ => Err(Error::Corrupt("revision record has no valid flag".into())),
+    }
+}
+
+fn get_i64(db: &DB, cf: &ColumnFamily, key: &[u8]) -> Result<Option<i64>> {
+    match db.get_pinned_cf(cf, key)? {
+        Some(v) if v.len() == 8 => Ok(Some(i64::from_be_bytes(
+            v.as_ref().try_into().expect("8 bytes"),
+        ))),
+        Some(v) => Err(Error::Corrupt(format!(
+            "meta {} has {} bytes",
+            String::from_utf8_lossy(key),
+            v.len()
+        ))),
+        None => Ok(None),
+    }
+}
+
+impl MvccStore {
+    /// Opens (creating if needed) the store in directory `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = [CF_REV, CF_INDEX, CF_META, CF_LEASE].map(|name| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, o)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let meta = db.cf_handle(CF_META).expect("meta column family exists");
+        // An empty store is at revision 1, as etcd's is.
+        let current = get_i64(&db, meta, META_CURRENT_REV)?.unwrap_or(1);
+        let compacted = get_i64(&db, meta, META_COMPACT_REV)?.unwrap_or(0);
+        let applied = get_i64(&db, meta, META_APPLIED_INDEX)?.unwrap_or(0) as u64;
+        Ok(MvccStore {
+            db,
+            current: AtomicI64::new(current),
+            compacted: AtomicI64::new(compacted),
+            applied: AtomicU64::new(applied),
+        })
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    /// The store revision: the revision of the last change applied.
+    pub fn current_revision(&self) -> i64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Revisions below this have been compacted; 0 if never compacted.
+    pub fn compact_revision(&self) -> i64 {
+        self.compacted.load(Ordering::Acquire)
+    }
+
+    /// The raft index of the last entry applied.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Serves a Range at its revision from a consistent snapshot.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let current = self.current_revision();
+        let view = view::SnapView::new(self);
+        let compacted = self.compact_revision();
+        range::range(&view, req, current, compacted)
+    }
+
+    /// Reads a value from the `meta` column family.
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META), key.as_bytes())?)
+    }
+
+    /// Writes a value to the `meta` column family, durably.
+    pub fn meta_put_sync(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), key.as_bytes(), value);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Applies the write request of raft entry `index`. An `Err` return is not the
+    /// request's answer: the store can no longer apply and the member must stop.
+    pub fn apply(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
+        debug_assert!(index > self.applied_index(), "entries apply once, in order");
+        let mut batch = WriteBatch::default();
+        let mut txn = write::WriteTxn::new(self);
+        let compacted = self.compact_revision();
+        let outcome = match &req.request {
+            Some(InternalOp::Put(p)) => apply::put(&mut txn, p).map(ApplyResponse::Put),
+            Some(InternalOp::DeleteRange(d)) => {
+                apply::delete_range(&mut txn, d).map(ApplyResponse::DeleteRange)
+            }
+            Some(InternalOp::Txn(t)) => apply::txn(&mut txn, t, compacted).map(ApplyResponse::Txn),
+            Some(InternalOp::LeaseRevoke(r)) => self
+                .apply_lease_revoke(&mut txn, r.id)
+                .map(ApplyResponse::LeaseRevoke),
+            Some(InternalOp::LeaseGrant(g)) => {
+                drop(txn);
+                return match self.apply_lease_grant(g, &mut batch) {
+                    Ok(resp) => {
+                        self.finish(index, batch, None, Ok(ApplyResponse::LeaseGrant(resp)))
+                    }
+                    Err(e) if e.is_deterministic() => {
+                        self.finish(index, WriteBatch::default(), None, Err(e))
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            Some(InternalOp::LeaseCheckpoint(c)) => {
+                drop(txn);
+                self.apply_lease_checkpoint(c, &mut batch)?;
+                return self.finish(index, batch, None, Ok(ApplyResponse::LeaseCheckpoint));
+            }
+            Some(InternalOp::Compaction(c)) => {
+                drop(txn);
+                return match self.compact(c.revision, &mut batch) {
+                    Ok(resp) => {
+                        self.finish(index, batch, None, Ok(ApplyResponse::Compaction(resp)))
+                    }
+                    Err(e) if e.is_deterministic() => {
+                        self.finish(index, WriteBatch::default(), None, Err(e))
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            None => Err(Error::Corrupt(format!("entry {index} carries no request"))),
+        };
+        match outcome {
+            Ok(resp) => self.finish(index, batch, Some(txn), Ok(resp)),
+            Err(e) if e.is_deterministic() => self.finish(index, batch, None, Err(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that entry `index` was applied without changing the key space (empty
+    /// entries, membership changes). Persisted with the next write batch.
+    pub fn apply_noop(&self, index: u64) {
+        self.applied.store(index, Ordering::Release);
+    }
+
+    /// Writes the applied index to the engine and syncs the engine's WAL, so the state
+    /// machine is durable up to [`Self::applied_index`]. Called before the raft log is
+    /// truncated.
+    pub fn sync(&self) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META),
+            META_APPLIED_INDEX,
+            (self.applied_index() as i64).to_be_bytes(),
+        );
+        self.db.write(batch)?;
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        index: u64,
+        mut batch: WriteBatch,
+        txn: Option<write::WriteTxn<'_>>,
+        response: Result<ApplyResponse>,
+    ) -> Result<Applied> {
+        let (rev, changes) = match txn {
+            Some(t) => t.commit(&mut batch),
+            None => (self.current_revision(), Vec::new()),
+        };
+        let meta = self.cf(CF_META);
+        batch.put_cf(meta, META_APPLIED_INDEX, (index as i64).to_be_bytes());
+        batch.put_cf(meta, META_CURRENT_REV, rev.to_be_bytes());
+        self.db.write(batch)?;
+        self.current.store(rev, Ordering::Release);
+        self.applied.store(index, Ordering::Release);
+        Ok(Applied { response, changes })
+    }
+
+    /// Compacts the history at revision `at`. Work is proportional to the number of
+    /// revisions written since the previous compaction, not to the number of keys: only
+    /// keys changed in that window can have anything left to drop.
+    fn compact(&self, at: i64, batch: &mut WriteBatch) -> Result<CompactionResponse> {
+        let previous = self.compact_revision();
+        if at <= previous {
+            return Err(Error::Compacted);
+        }
+        if at > self.current_revision() {
+            return Err(Error::FutureRev);
+        }
+        let rev_cf = self.cf(CF_REV);
+        let index_cf = self.cf(CF_INDEX);
+        let mut keys = std::collections::BTreeSet::new();
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(Revision::first_of(at + 1).encode().to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(rev_cf, opts);
+        // From `previous` itself: a tombstone made exactly at the previous compaction
+        // revision was kept then and is dropped now.
+        it.seek(Revision::first_of(previous).encode());
+        while it.valid() {
+            let (_, kv) = decode_record(it.value().expect("valid iterator has a value"))?;
+            keys.insert(kv.key);
+            it.next();
+        }
+        it.status()?;
+        // Publish before deleting; see the module note.
+        self.compacted.store(at, Ordering::Release);
+        for key in keys {
+            let Some(raw) = self.db.get_pinned_cf(index_cf, &key)? else {
+                continue;
+            };
+            let mut ki = KeyIndex::decode(&raw)?;
+            for rev in ki.compact(at) {
+                batch.delete_cf(rev_cf, rev.encode());
+            }
+            if ki.is_empty() {
+                batch.delete_cf(index_cf, &key);
+            } else {
+                batch.put_cf(index_cf, &key, ki.encode());
+            }
+        }
+        batch.put_cf(self.cf(CF_META), META_COMPACT_REV, at.to_be_bytes());
+        Ok(CompactionResponse {
+            header: Some(ResponseHeader {
+                revision: self.current_revision(),
+                ..Default::default()
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

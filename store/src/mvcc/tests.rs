@@ -1,0 +1,400 @@
+//! The MVCC store on a real RocksDB in a temporary directory.
+
+use pontoon_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pontoon_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use pontoon_proto::etcdserverpb::request_op::Request;
+use pontoon_proto::etcdserverpb::response_op::Response;
+use pontoon_proto::etcdserverpb::*;
+use pontoon_proto::internal::internal_request::Request as Op;
+use pontoon_proto::internal::InternalRequest;
+
+use super::*;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: MvccStore,
+    index: u64,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MvccStore::open(dir.path()).unwrap();
+        Harness {
+            _dir: dir,
+            store,
+            index: 0,
+        }
+    }
+
+    fn apply(&mut self, op: Op) -> Result<ApplyResponse> {
+        self.index += 1;
+        let req = InternalRequest {
+            id: self.index,
+            request: Some(op),
+        };
+        self.store.apply(self.index, &req).unwrap().response
+    }
+
+    fn must_put(&mut self, k: &str, v: &str) -> PutResponse {
+        match self.apply(Op::Put(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            prev_kv: true,
+            ..Default::default()
+        })) {
+            Ok(ApplyResponse::Put(p)) => p,
+            other => panic!("put {k}: {other:?}"),
+        }
+    }
+
+    fn must_delete(&mut self, k: &str, end: &str) -> DeleteRangeResponse {
+        match self.apply(Op::DeleteRange(DeleteRangeRequest {
+            key: k.into(),
+            range_end: end.into(),
+            prev_kv: true,
+        })) {
+            Ok(ApplyResponse::DeleteRange(d)) => d,
+            other => panic!("delete {k}: {other:?}"),
+        }
+    }
+
+    fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.store.range(&req)
+    }
+
+    fn get(&self, k: &str, rev: i64) -> Option<KeyValue> {
+        self.range(RangeRequest {
+            key: k.into(),
+            revision: rev,
+            ..Default::default()
+        })
+        .unwrap()
+        .kvs
+        .pop()
+    }
+}
+
+fn keys(r: &RangeResponse) -> Vec<String> {
+    r.kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn revisions_versions_and_generations_follow_etcd() {
+    let mut h = Harness::new();
+    assert_eq!(h.store.current_revision(), 1);
+    let p = h.must_put("foo", "a");
+    assert_eq!(p.header.unwrap().revision, 2);
+    assert_eq!(p.prev_kv, None);
+    let p = h.must_put("foo", "b");
+    assert_eq!(p.header.unwrap().revision, 3);
+    assert_eq!(p.prev_kv.unwrap().value, b"a");
+    let kv = h.get("foo", 0).unwrap();
+    assert_eq!(
+        (
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version,
+            kv.value.as_slice()
+        ),
+        (2, 3, 2, &b"b"[..])
+    );
+    let d = h.must_delete("foo", "");
+    assert_eq!((d.deleted, d.header.unwrap().revision), (1, 4));
+    assert_eq!(h.get("foo", 0), None);
+    // Deleting nothing does not advance the revision.
+    let d = h.must_delete("foo", "");
+    assert_eq!((d.deleted, d.header.unwrap().revision), (0, 4));
+    h.must_put("foo", "c");
+    let kv = h.get("foo", 0).unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1));
+    // History stays readable.
+    assert_eq!(h.get("foo", 2).unwrap().value, b"a");
+    assert_eq!(h.get("foo", 4), None);
+    assert!(matches!(
+        h.range(RangeRequest {
+            key: "foo".into(),
+            revision: 6,
+            ..Default::default()
+        }),
+        Err(Error::FutureRev)
+    ));
+}
+
+#[test]
+fn range_limit_count_sort_and_filters() {
+    let mut h = Harness::new();
+    for (k, v) in [("a", "3"), ("b", "1"), ("c", "2"), ("d", "0")] {
+        h.must_put(k, v);
+    }
+    h.must_put("b", "9");
+    let all = |extra: RangeRequest| {
+        h.range(RangeRequest {
+            key: "a".into(),
+            range_end: "\0".into(),
+            ..extra
+        })
+        .unwrap()
+    };
+    let r = all(RangeRequest {
+        limit: 2,
+        ..Default::default()
+    });
+    assert_eq!(
+        (keys(&r), r.more, r.count),
+        (vec!["a".into(), "b".into()], true, 4)
+    );
+    let r = all(RangeRequest {
+        count_only: true,
+        ..Default::default()
+    });
+    assert_eq!((r.kvs.len(), r.count), (0, 4));
+    let r = all(RangeRequest {
+        sort_target: SortTarget::Value as i32,
+        ..Default::default()
+    });
+    assert_eq!(keys(&r), vec!["d", "c", "a", "b"]);
+    let r = all(RangeRequest {
+        sort_order: SortOrder::Descend as i32,
+        limit: 3,
+        ..Default::default()
+    });
+    assert_eq!(
+        (keys(&r), r.more),
+        (vec!["d".into(), "c".into(), "b".into()], true)
+    );
+    let r = all(RangeRequest {
+        min_mod_revision: 4,
+        ..Default::default()
+    });
+    assert_eq!(keys(&r), vec!["b", "c", "d"]);
+    assert_eq!(r.count, 4, "count is taken before filters, as in etcd");
+    let r = all(RangeRequest {
+        max_create_revision: 3,
+        keys_only: true,
+        ..Default::default()
+    });
+    assert_eq!(keys(&r), vec!["a", "b"]);
+    assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
+    let r = h
+        .range(RangeRequest {
+            key: "b".into(),
+            range_end: "d".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(keys(&r), vec!["b", "c"]);
+    let r = h
+        .range(RangeRequest {
+            key: "d".into(),
+            range_end: "b".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(r.kvs.is_empty());
+}
+
+fn cmp(key: &str, target: CompareTarget, result: CompareResult, u: TargetUnion) -> Compare {
+    Compare {
+        key: key.into(),
+        target: target as i32,
+        result: result as i32,
+        target_union: Some(u),
+        range_end: vec![],
+    }
+}
+
+fn put_op(k: &str, v: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn get_op(k: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestRange(RangeRequest {
+            key: k.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[test]
+fn txn_compares_branches_and_sees_its_own_writes() {
+    let mut h = Harness::new();
+    h.must_put("k", "v1");
+    let txn = TxnRequest {
+        compare: vec![cmp(
+            "k",
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value("v1".into()),
+        )],
+        success: vec![put_op("k", "v2"), get_op("k"), put_op("other", "x")],
+        failure: vec![get_op("k")],
+    };
+    let Ok(ApplyResponse::Txn(r)) = h.apply(Op::Txn(txn.clone())) else {
+        panic!()
+    };
+    assert!(r.succeeded);
+    assert_eq!(r.header.unwrap().revision, 3);
+    let Some(Response::ResponseRange(rr)) = &r.responses[1].response else {
+        panic!()
+    };
+    assert_eq!(rr.kvs[0].value, b"v2");
+    assert_eq!(h.get("other", 0).unwrap().mod_revision, 3);
+    // Same compare now fails: the failure branch only reads, the revision stays.
+    let Ok(ApplyResponse::Txn(r)) = h.apply(Op::Txn(txn)) else {
+        panic!()
+    };
+    assert!(!r.succeeded);
+    assert_eq!(r.header.unwrap().revision, 3);
+    // A compare on a missing key: VALUE is false, VERSION compares against 0.
+    let missing = TxnRequest {
+        compare: vec![cmp(
+            "nope",
+            CompareTarget::Version,
+            CompareResult::Equal,
+            TargetUnion::Version(0),
+        )],
+        ..Default::default()
+    };
+    let Ok(ApplyResponse::Txn(r)) = h.apply(Op::Txn(missing)) else {
+        panic!()
+    };
+    assert!(r.succeeded);
+    // A compare over a range: every key must match.
+    let ranged = TxnRequest {
+        compare: vec![Compare {
+            range_end: "\0".into(),
+            ..cmp(
+                "a",
+                CompareTarget::Mod,
+                CompareResult::Greater,
+                TargetUnion::ModRevision(1),
+            )
+        }],
+        ..Default::default()
+    };
+    let Ok(ApplyResponse::Txn(r)) = h.apply(Op::Txn(ranged)) else {
+        panic!()
+    };
+    assert!(r.succeeded);
+}
+
+#[test]
+fn put_with_unknown_lease_fails_whole_txn_without_changes() {
+    let mut h = Harness::new();
+    let bad = TxnRequest {
+        success: vec![
+            put_op("a", "1"),
+            RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: "b".into(),
+                    lease: 42,
+                    ..Default::default()
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    assert!(matches!(h.apply(Op::Txn(bad)), Err(Error::LeaseNotFound)));
+    assert_eq!(h.store.current_revision(), 1);
+    assert_eq!(h.get("a", 0), None);
+    assert!(matches!(
+        h.apply(Op::Put(PutRequest {
+            key: "a".into(),
+            ignore_value: true,
+            ..Default::default()
+        })),
+        Err(Error::KeyNotFound)
+    ));
+    assert_eq!(
+        h.store.applied_index(),
+        2,
+        "failed entries still count as applied"
+    );
+}
+
+#[test]
+fn compaction_drops_history_but_keeps_current_values() {
+    let mut h = Harness::new();
+    h.must_put("a", "1"); // 2
+    h.must_put("a", "2"); // 3
+    h.must_put("b", "1"); // 4
+    h.must_delete("b", ""); // 5
+    h.must_put("c", "1"); // 6
+    let compact = |h: &mut Harness, rev| {
+        h.apply(Op::Compaction(CompactionRequest {
+            revision: rev,
+            physical: true,
+        }))
+    };
+    assert!(matches!(compact(&mut h, 7), Err(Error::FutureRev)));
+    assert!(compact(&mut h, 5).is_ok());
+    assert!(matches!(compact(&mut h, 5), Err(Error::Compacted)));
+    assert!(matches!(compact(&mut h, 3), Err(Error::Compacted)));
+    assert_eq!(h.store.compact_revision(), 5);
+    assert!(matches!(
+        h.range(RangeRequest {
+            key: "a".into(),
+            revision: 4,
+            ..Default::default()
+        }),
+        Err(Error::Compacted)
+    ));
+    assert_eq!(h.get("a", 5).unwrap().value, b"2");
+    assert_eq!(h.get("b", 5), None);
+    assert_eq!(h.get("c", 0).unwrap().value, b"1");
+    // The dropped revisions are physically gone: 3 (a), 6 (c) and the tombstone
+    // made exactly at the compacted revision (b at 5) remain.
+    let remaining = |h: &Harness| {
+        h.store
+            .db
+            .iterator_cf(h.store.cf(CF_REV), rocksdb::IteratorMode::Start)
+            .count()
+    };
+    assert_eq!(remaining(&h), 3);
+    // The next compaction drops that tombstone too.
+    assert!(compact(&mut h, 6).is_ok());
+    assert_eq!(remaining(&h), 2);
+    assert_eq!(h.get("b", 6), None);
+}
+
+#[test]
+fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = MvccStore::open(dir.path()).unwrap();
+        let put = |i: u64, k: &str| InternalRequest {
+            id: i,
+            request: Some(Op::Put(PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        };
+        store.apply(1, &put(1, "x")).unwrap();
+        store.apply(2, &put(2, "y")).unwrap();
+        store.apply_noop(3);
+        store.sync().unwrap();
+    }
+    let store = MvccStore::open(dir.path()).unwrap();
+    assert_eq!(store.current_revision(), 3);
+    assert_eq!(store.applied_index(), 3);
+    let r = store
+        .range(&RangeRequest {
+            key: "x".into(),
+            range_end: "z".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.count, 2);
+}

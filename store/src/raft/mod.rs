@@ -1,0 +1,13 @@
+//! Consensus: the raft-rs driver, Pontoon's raft WAL, and raft-rs's view of it.
+//!
+//! - [`wal`]: the durable, checksummed, segmented log of entries and hard state;
+//! - [`storage`]: `raft::Storage` over the WAL (the in-memory tail raft-rs reads);
+//! - [`node`]: the Ready loop and the apply loop, proposals and read-index reads;
+//! - [`logger`]: raft-rs's slog output bridged to `tracing`.
+
+pub mod logger;
+pub mod node;
+pub mod storage;
+pub mod wal;
+
+pub use node::{RaftConfig, RaftNode, RaftStatus};

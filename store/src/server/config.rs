@@ -1,0 +1,414 @@
+//! `pontoon store` configuration: etcd's flags, defaults, meanings and `ETCD_*`
+//! environment variables, so existing etcd deployment files work unchanged.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+
+/// etcd's flags for a member. Every flag can also come from the environment variable
+/// etcd reads for it (`--data-dir` from `ETCD_DATA_DIR`, ...).
+#[derive(Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory [default: <name>.pontoon].
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Path to the dedicated raft WAL directory [default: <data-dir>/member/wal].
+    #[arg(long, env = "ETCD_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic, comma separated.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub listen_client_urls: String,
+    /// This member's client URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub advertise_client_urls: String,
+    /// URLs to listen on for peer traffic, comma separated.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub listen_peer_urls: String,
+    /// This member's peer URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping, `name=peerURL,...`
+    /// [default: <name>=<initial-advertise-peer-urls>].
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+    /// Number of committed transactions to trigger a raft log truncation.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u64,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u64,
+    /// Interpret 'auto-compaction-retention' as hours ('periodic') or revisions
+    /// ('revision').
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention for the MVCC key value store. 0 means disable.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Duration of periodic watch progress notifications.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
+    pub experimental_watch_progress_notify_interval: String,
+    /// Log level: debug, info, warn, error, panic, or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Automatic compaction, decoded from `--auto-compaction-mode/-retention`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Disabled,
+    /// Keep the last `retention` of history.
+    Periodic(Duration),
+    /// Keep the last `n` revisions.
+    Revision(i64),
+}
+
+/// A validated member configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub wal_dir: PathBuf,
+    pub listen_client: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// `(name, peer URLs)` of the bootstrap members.
+    pub initial_cluster: Vec<(String, Vec<String>)>,
+    pub initial_cluster_state_new: bool,
+    pub initial_cluster_token: String,
+    pub snapshot_count: u64,
+    pub heartbeat: Duration,
+    pub election_ticks: usize,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub auto_compaction: AutoCompaction,
+    pub watch_progress_notify_interval: Duration,
+}
+
+fn split_urls(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Resolves `http://host:port` to the socket addresses to bind. `localhost` binds the
+/// IPv4 loopback, as clients and the etcd default of 127.0.0.1:2379 expect.
+pub fn listen_addrs(url: &str) -> Result<Vec<SocketAddr>> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(Error::Config(format!(
+            "{url}: TLS listeners are not supported yet (plain http:// only)"
+        )));
+    } else {
+        return Err(Error::Config(format!(
+            "{url}: URL scheme must be http:// (for example http://127.0.0.1:2379)"
+        )));
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('/') {
+        return Err(Error::Config(format!("{url}: a listen URL has no path")));
+    }
+    let hostport = match hostport.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => hostport.to_string(),
+    };
+    let addrs: Vec<SocketAddr> = hostport
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("{url}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::Config(format!("{url}: resolves to no address")));
+    }
+    Ok(addrs)
+}
+
+/// Parses a Go-style duration (`1h30m`, `5m`, `10s`, `500ms`).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::from_secs_f64(value * unit);
+    }
+    Some(total)
+}
+
+fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction> {
+    let bad = || {
+        Error::Config(format!(
+            "invalid --auto-compaction-retention {retention:?} for mode {mode:?}"
+        ))
+    };
+    match mode {
+        "periodic" => {
+            // A bare number is hours, as in etcd.
+            let d = match retention.parse::<u64>() {
+                Ok(h) => Duration::from_secs(h * 3600),
+                Err(_) => parse_go_duration(retention).ok_or_else(bad)?,
+            };
+            Ok(if d.is_zero() {
+                AutoCompaction::Disabled
+            } else {
+                AutoCompaction::Periodic(d)
+            })
+        }
+        "revision" => {
+            let n: i64 = retention.parse().map_err(|_| bad())?;
+            if n < 0 {
+                return Err(bad());
+            }
+            Ok(if n == 0 {
+                AutoCompaction::Disabled
+            } else {
+                AutoCompaction::Revision(n)
+            })
+        }
+        other => Err(Error::Config(format!(
+            "unknown auto-compaction-mode {other:?} (use 'periodic' or 'revision')"
+        ))),
+    }
+}
+
+fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, url) = item.split_once('=').ok_or_else(|| {
+            Error::Config(format!("--initial-cluster entry {item:?} is not name=url"))
+        })?;
+        match members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.to_string()),
+            None => members.push((name.to_string(), vec![url.to_string()])),
+        }
+    }
+    Ok(members)
+}
+
+impl StoreArgs {
+    pub fn validate(&self) -> Result<StoreConfig> {
+        if self.heartbeat_interval == 0 {
+            return Err(Error::Config("--heartbeat-interval must be > 0".into()));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(Error::Config(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            )));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(Error::Config(format!(
+                "--election-timeout[{}ms] is too long, and should be set less than 50000ms",
+                self.election_timeout
+            )));
+        }
+        let state_new = match self.initial_cluster_state.as_str() {
+            "new" => true,
+            "existing" => false,
+            other => {
+                return Err(Error::Config(format!(
+                    "--initial-cluster-state must be 'new' or 'existing', not {other:?}"
+                )))
+            }
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.pontoon", self.name)));
+        let wal_dir = self
+            .wal_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("member").join("wal"));
+        let mut listen_client = Vec::new();
+        for url in split_urls(&self.listen_client_urls) {
+            listen_client.extend(listen_addrs(&url)?);
+        }
+        if listen_client.is_empty() {
+            return Err(Error::Config("--listen-client-urls is empty".into()));
+        }
+        let peer_urls = split_urls(&self.initial_advertise_peer_urls);
+        let initial_cluster = match &self.initial_cluster {
+            Some(s) => parse_initial_cluster(s)?,
+            None => vec![(self.name.clone(), peer_urls.clone())],
+        };
+        let Some((_, own_urls)) = initial_cluster.iter().find(|(n, _)| *n == self.name) else {
+            return Err(Error::Config(format!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                self.name
+            )));
+        };
+        let (mut a, mut b) = (own_urls.clone(), peer_urls.clone());
+        a.sort();
+        b.sort();
+        if a != b {
+            return Err(Error::Config(format!(
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} ",
+                self.name,
+                own_urls.join(","),
+                peer_urls.join(",")
+            )));
+        }
+        if initial_cluster.len() > 1 {
+            return Err(Error::Config(format!(
+                "--initial-cluster names {} members; this version of Pontoon runs single-member \
+                 clusters only (multi-member clusters are not supported yet)",
+                initial_cluster.len()
+            )));
+        }
+        if !state_new && !crate::raft::wal::Wal::exists(&wal_dir) {
+            return Err(Error::Config(
+                "--initial-cluster-state=existing (joining a running cluster) is not supported yet"
+                    .into(),
+            ));
+        }
+        Ok(StoreConfig {
+            name: self.name.clone(),
+            data_dir,
+            wal_dir,
+            listen_client,
+            advertise_client_urls: split_urls(&self.advertise_client_urls),
+            initial_advertise_peer_urls: peer_urls,
+            initial_cluster,
+            initial_cluster_state_new: state_new,
+            initial_cluster_token: self.initial_cluster_token.clone(),
+            snapshot_count: self.snapshot_count,
+            heartbeat: Duration::from_millis(self.heartbeat_interval),
+            election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
+            max_request_bytes: self.max_request_bytes as usize,
+            max_txn_ops: self.max_txn_ops as usize,
+            auto_compaction: parse_auto_compaction(
+                &self.auto_compaction_mode,
+                &self.auto_compaction_retention,
+            )?,
+            watch_progress_notify_interval: parse_go_duration(
+                &self.experimental_watch_progress_notify_interval,
+            )
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "invalid --experimental-watch-progress-notify-interval {:?}",
+                    self.experimental_watch_progress_notify_interval
+                ))
+            })?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("10"), None);
+        assert_eq!(parse_go_duration("5x"), None);
+    }
+
+    #[test]
+    fn auto_compaction_modes() {
+        assert_eq!(
+            parse_auto_compaction("periodic", "1").unwrap(),
+            AutoCompaction::Periodic(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_auto_compaction("periodic", "30m").unwrap(),
+            AutoCompaction::Periodic(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_auto_compaction("periodic", "0").unwrap(),
+            AutoCompaction::Disabled
+        );
+        assert_eq!(
+            parse_auto_compaction("revision", "1000").unwrap(),
+            AutoCompaction::Revision(1000)
+        );
+        assert!(parse_auto_compaction("revision", "1h").is_err());
+        assert!(parse_auto_compaction("weekly", "1").is_err());
+    }
+
+    #[test]
+    fn listen_urls() {
+        assert_eq!(
+            listen_addrs("http://localhost:2379").unwrap(),
+            vec!["127.0.0.1:2379".parse().unwrap()]
+        );
+        assert_eq!(
+            listen_addrs("http://0.0.0.0:12379").unwrap(),
+            vec!["0.0.0.0:12379".parse().unwrap()]
+        );
+        assert!(listen_addrs("https://127.0.0.1:2379").is_err());
+        assert!(listen_addrs("127.0.0.1:2379").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! The etcd `KV` gRPC service.
+//!
+//! Writes are validated, proposed through raft and answered after apply. Range is a
+//! read: linearizable by default (a read-index round, then a local read once this
+//! member has applied up to it), or served locally at once when `serializable`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use pontoon_proto::etcdserverpb::kv_server::Kv;
+use pontoon_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use pontoon_proto::internal::internal_request::Request as InternalOp;
+
+use super::status::to_status;
+use super::validate;
+use super::EtcdServer;
+use crate::error::Error;
+use crate::mvcc::ApplyResponse;
+
+pub struct KvService {
+    server: Arc<EtcdServer>,
+}
+
+impl KvService {
+    pub fn new(server: Arc<EtcdServer>) -> Self {
+        KvService { server }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_range(&req).map_err(to_status)?;
+        if !req.serializable {
+            self.server.raft.read_index().await.map_err(to_status)?;
+        }
+        let mut resp = self.server.mvcc.range(&req).map_err(to_status)?;
+        self.server.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_put(&req).map_err(to_status)?;
+        match self.server.propose(InternalOp::Put(req)).await? {
+            ApplyResponse::Put(mut r) => {
+                self.server.fill_header(&mut r.header);
+                Ok(Response::new(r))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_delete(&req).map_err(to_status)?;
+        match self.server.propose(InternalOp::DeleteRange(req)).await? {
+            ApplyResponse::DeleteRange(mut r) => {
+                self.server.fill_header(&mut r.header);
+                Ok(Response::new(r))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
+        match self.server.propose(InternalOp::Txn(req)).await? {
+            ApplyResponse::Txn(mut r) => {
+                self.server.fill_header(&mut r.header);
+                Ok(Response::new(r))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let req = req.into_inner();
+        match self.server.propose(InternalOp::Compaction(req)).await? {
+            ApplyResponse::Compaction(mut r) => {
+                self.server.fill_header(&mut r.header);
+                Ok(Response::new(r))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(r: ApplyResponse) -> Status {
+    to_status(Error::Corrupt(format!("apply answered with {r:?}")))
+}

@@ -1,0 +1,258 @@
+//! Test harness: real `pontoon store` (and, for comparisons, real `etcd`) processes on
+//! loopback ports, each with its own data directory.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Which server binary a [`Member`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Pontoon,
+    Etcd,
+}
+
+/// One server process with its data directory.
+pub struct Member {
+    pub target: Target,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub extra_args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Member {
+    pub fn start(target: Target) -> Member {
+        Self::start_with(target, &[])
+    }
+
+    pub fn start_with(target: Target, extra: &[&str]) -> Member {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let log = tmp.path().join("server.log");
+        let mut m = Member {
+            target,
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+            child: None,
+            log,
+        };
+        m.spawn();
+        m
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = match self.target {
+            Target::Pontoon => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_pontoon"));
+                c.arg("store");
+                c
+            }
+            Target::Etcd => Command::new("etcd"),
+        };
+        cmd.args([
+            "--name",
+            "default",
+            "--data-dir",
+            self.data_dir.to_str().expect("utf-8 path"),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("default={peer}"),
+        ]);
+        cmd.args(&self.extra_args);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open server log");
+        cmd.stdout(Stdio::null()).stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.target));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the server answers a linearizable read.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{:?} exited with {status}:\n{}",
+                    self.target,
+                    self.log_text()
+                );
+            }
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args([
+                    "--endpoints",
+                    &self.endpoint(),
+                    "--command-timeout=1s",
+                    "get",
+                    "ready-probe",
+                ])
+                .output();
+            if matches!(&out, Ok(o) if o.status.success()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{:?} did not become ready:\n{}",
+                    self.target,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the member first");
+        self.spawn();
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Runs etcdctl against this member; returns (success, stdout, stderr).
+    pub fn etcdctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .expect("run etcdctl (apt-get install etcd-client)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs etcdctl with `stdin` (for `etcdctl txn`).
+    pub fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("etcdctl output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("connect etcd client")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// True if the real etcd server binary is installed (`apt-get install etcd-server`).
+pub fn have_etcd() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The gRPC status of an etcd-client error.
+pub fn grpc_status(e: &etcd_client::Error) -> (tonic::Code, String) {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected a gRPC status, got {other:?}"),
+    }
+}
