@@ -103,40 +103,32 @@ const SCRIPT: &[Step] = &[
     run(&["get", "", "--prefix", "-w", "json"]),
 ];
 
-/// Replaces the value after each `"field":` with `<field>`: IDs and terms that
-/// legitimately differ between two clusters, and the timestamp and connection name
-/// in etcdctl's own log lines.
+/// Replaces what follows `pat` (up to the first char where `end` holds) with
+/// `<label>`, everywhere in `s`.
+fn mask(s: &str, pat: &str, label: &str, end: impl Fn(char) -> bool) -> String {
+    let mut res = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(pat) {
+        res.push_str(&rest[..i + pat.len()]);
+        rest = &rest[i + pat.len()..];
+        res.push_str(&format!("<{label}>"));
+        rest = &rest[rest.find(&end).unwrap_or(rest.len())..];
+    }
+    res.push_str(rest);
+    res
+}
+
+/// Masks what legitimately differs between two clusters: IDs and raft terms, and the
+/// timestamp and connection name in etcdctl's own log lines.
 fn normalize(s: &str) -> String {
     let mut out = s.to_string();
     for field in ["ts", "target"] {
-        let pat = format!("\"{field}\":\"");
-        let mut res = String::new();
-        let mut rest = out.as_str();
-        while let Some(i) = rest.find(&pat) {
-            res.push_str(&rest[..i + pat.len()]);
-            rest = &rest[i + pat.len()..];
-            let end = rest.find('"').unwrap_or(rest.len());
-            res.push_str(&format!("<{field}>"));
-            rest = &rest[end..];
-        }
-        res.push_str(rest);
-        out = res;
+        out = mask(&out, &format!("\"{field}\":\""), field, |c| c == '"');
     }
     for field in ["cluster_id", "member_id", "raft_term"] {
-        let pat = format!("\"{field}\":");
-        let mut res = String::new();
-        let mut rest = out.as_str();
-        while let Some(i) = rest.find(&pat) {
-            res.push_str(&rest[..i + pat.len()]);
-            rest = &rest[i + pat.len()..];
-            let end = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            res.push_str(&format!("<{field}>"));
-            rest = &rest[end..];
-        }
-        res.push_str(rest);
-        out = res;
+        out = mask(&out, &format!("\"{field}\":"), field, |c| {
+            !c.is_ascii_digit()
+        });
     }
     out
 }
@@ -273,6 +265,55 @@ fn etcdctl_watch_matches_etcd() {
         outs.push(watch(&["w", "--prefix", "--rev", "2"]));
         outs.push(watch(&["w", "--prefix", "--rev", "4"]));
         outs
+    };
+    let etcd = Member::start(Target::Etcd);
+    let want = run(&etcd);
+    let pontoon = Member::start(Target::Pontoon);
+    let got = run(&pontoon);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w, g, "--- etcd\n{w}\n--- pontoon\n{g}");
+    }
+}
+
+/// `etcdctl lease ...` prints the same against both servers (lease IDs, which each
+/// server chooses, and the remaining TTL second masked).
+#[test]
+fn etcdctl_lease_matches_etcd() {
+    assert!(
+        have_etcd(),
+        "this test compares with real etcd: apt-get install -y etcd-server"
+    );
+    let run = |m: &Member| -> Vec<String> {
+        let (ok, out, err) = m.etcdctl(&["lease", "grant", "100"]);
+        assert!(ok, "{err}");
+        let id = out.split_whitespace().nth(1).unwrap().to_string();
+        let dec = i64::from_str_radix(&id, 16).unwrap().to_string();
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["put", "--lease", &id, "lk", "v"],
+            vec!["get", "lk", "-w", "json"],
+            vec!["lease", "timetolive", &id, "--keys"],
+            vec!["lease", "list"],
+            vec!["lease", "keep-alive", "--once", &id],
+            vec!["lease", "revoke", &id],
+            vec!["get", "lk"],
+            vec!["lease", "revoke", &id],
+            vec!["lease", "timetolive", &id],
+            vec!["put", "--lease", &id, "lk", "v"],
+            vec!["lease", "grant", "-5"],
+        ];
+        steps
+            .iter()
+            .map(|args| {
+                let (ok, out, err) = m.etcdctl(args);
+                let text = format!("$ etcdctl {}\nok: {ok}\n{out}{err}", args.join(" "))
+                    .replace(&id, "<id>")
+                    .replace(&dec, "<id>");
+                let text = mask(&text, "remaining(", "ttl", |c| c == 's');
+                // A lease granted by the last step has its own fresh ID.
+                let text = mask(&text, "lease ", "lease", |c| c == ' ');
+                normalize(&text)
+            })
+            .collect()
     };
     let etcd = Member::start(Target::Etcd);
     let want = run(&etcd);

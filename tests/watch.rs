@@ -326,3 +326,43 @@ async fn slow_watchers_lose_nothing_under_load() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn revoke_deletes_in_one_response_and_bad_input_keeps_serving() {
+    let m = Member::start(Target::Pontoon);
+    let mut c = m.client().await;
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    for k in ["r/1", "r/2"] {
+        c.put(
+            k,
+            "v",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    }
+    let mut w = c
+        .watch("r/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(next(&mut w).await.created());
+    // Canceling a watcher that does not exist is ignored, as etcd ignores it.
+    w.cancel(12345).await.unwrap();
+    c.lease_revoke(lease).await.unwrap();
+    let r = next(&mut w).await;
+    assert_eq!(
+        events(&r),
+        vec![
+            (EventType::Delete, "r/1".into(), "".into(), 4),
+            (EventType::Delete, "r/2".into(), "".into(), 4),
+        ]
+    );
+    // An empty key watches the smallest key, "\0", as in etcd: created, no error.
+    w.watch("", None).await.unwrap();
+    let r = next(&mut w).await;
+    assert!(r.created() && !r.canceled());
+    c.put("r/3", "v", None).await.unwrap();
+    assert_eq!(events(&next(&mut w).await)[0].1, "r/3");
+    // A negative TTL is raised to the minimum TTL.
+    assert_eq!(c.lease_grant(-5, None).await.unwrap().ttl(), 2);
+}

@@ -27,11 +27,12 @@ fn wal_append_sync(c: &mut Criterion) {
                 let ents: Vec<Entry> = (0..batch)
                     .map(|_| {
                         index += 1;
-                        let mut e = Entry::default();
-                        e.index = index;
-                        e.term = 1;
-                        e.data = vec![7u8; 300].into();
-                        e
+                        Entry {
+                            index,
+                            term: 1,
+                            data: vec![7u8; 300].into(),
+                            ..Default::default()
+                        }
                     })
                     .collect();
                 wal.append(&ents).unwrap();

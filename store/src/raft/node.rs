@@ -86,6 +86,8 @@ impl RaftStatus {
 }
 
 type Waiter = oneshot::Sender<Result<ApplyResponse>>;
+/// Learns the commit index a linearizable read must wait for.
+type ReadWaiter = oneshot::Sender<Result<u64>>;
 
 /// Proposals waiting for their entry to be applied, by request id.
 #[derive(Default)]
@@ -356,9 +358,9 @@ struct Driver {
     /// Proposals held while no leader is known.
     queued: Vec<(u64, Vec<u8>)>,
     /// Read-index requests not yet sent to raft; they will share one round.
-    reads_new: Vec<oneshot::Sender<Result<u64>>>,
+    reads_new: Vec<ReadWaiter>,
     /// Read-index rounds in flight, by context, with the ticks they have waited.
-    reads_in_flight: HashMap<u64, (Vec<oneshot::Sender<Result<u64>>>, usize)>,
+    reads_in_flight: HashMap<u64, (Vec<ReadWaiter>, usize)>,
     next_read_ctx: u64,
 }
 

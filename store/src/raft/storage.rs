@@ -122,9 +122,11 @@ impl WalStorage {
         }
         let term = self.entries[(index - self.first_index()) as usize].term;
         self.entries.drain(..=(index - self.first_index()) as usize);
-        let mut snap = SnapshotMetadata::default();
-        snap.index = index;
-        snap.term = term;
+        let mut snap = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         snap.set_conf_state(self.conf_state.clone());
         self.wal.rewrite(&snap, &self.hard_state, &self.entries)?;
         self.snapshot = snap;

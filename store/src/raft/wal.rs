@@ -325,18 +325,20 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("data-{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("data-{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     fn hs(term: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.commit = commit;
-        h
+        HardState {
+            term,
+            commit,
+            ..Default::default()
+        }
     }
 
     fn indexes(s: &WalState) -> Vec<(u64, u64)> {
@@ -421,9 +423,11 @@ mod tests {
         let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
         wal.append(&ents).unwrap();
         wal.sync().unwrap();
-        let mut snap = SnapshotMetadata::default();
-        snap.index = 7;
-        snap.term = 1;
+        let snap = SnapshotMetadata {
+            index: 7,
+            term: 1,
+            ..Default::default()
+        };
         wal.rewrite(&snap, &hs(1, 10), &ents[7..]).unwrap();
         wal.append(&[entry(11, 1)]).unwrap();
         wal.sync().unwrap();

@@ -18,7 +18,6 @@ use pontoon_proto::internal::internal_request::Request as InternalOp;
 use super::status::to_status;
 use super::validate;
 use super::EtcdServer;
-use crate::error::Error;
 use crate::mvcc::ApplyResponse;
 
 pub struct KvService {
@@ -47,13 +46,12 @@ impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = req.into_inner();
         validate::check_put(&req).map_err(to_status)?;
-        match self.server.propose(InternalOp::Put(req)).await? {
-            ApplyResponse::Put(mut r) => {
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(unexpected(other)),
-        }
+        let op = InternalOp::Put(req);
+        let r = self.server.propose_for(op, |r| match r {
+            ApplyResponse::Put(p) => Some(p),
+            _ => None,
+        });
+        Ok(Response::new(r.await?))
     }
 
     async fn delete_range(
@@ -62,42 +60,34 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = req.into_inner();
         validate::check_delete(&req).map_err(to_status)?;
-        match self.server.propose(InternalOp::DeleteRange(req)).await? {
-            ApplyResponse::DeleteRange(mut r) => {
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(unexpected(other)),
-        }
+        let op = InternalOp::DeleteRange(req);
+        let r = self.server.propose_for(op, |r| match r {
+            ApplyResponse::DeleteRange(d) => Some(d),
+            _ => None,
+        });
+        Ok(Response::new(r.await?))
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let req = req.into_inner();
         validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
-        match self.server.propose(InternalOp::Txn(req)).await? {
-            ApplyResponse::Txn(mut r) => {
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(unexpected(other)),
-        }
+        let op = InternalOp::Txn(req);
+        let r = self.server.propose_for(op, |r| match r {
+            ApplyResponse::Txn(t) => Some(t),
+            _ => None,
+        });
+        Ok(Response::new(r.await?))
     }
 
     async fn compact(
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let req = req.into_inner();
-        match self.server.propose(InternalOp::Compaction(req)).await? {
-            ApplyResponse::Compaction(mut r) => {
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(unexpected(other)),
-        }
+        let op = InternalOp::Compaction(req.into_inner());
+        let r = self.server.propose_for(op, |r| match r {
+            ApplyResponse::Compaction(c) => Some(c),
+            _ => None,
+        });
+        Ok(Response::new(r.await?))
     }
-}
-
-fn unexpected(r: ApplyResponse) -> Status {
-    to_status(Error::Corrupt(format!("apply answered with {r:?}")))
 }

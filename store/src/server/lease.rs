@@ -80,20 +80,19 @@ impl Lease for LeaseService {
         if req.id == 0 {
             req.id = self.new_id();
         }
-        match self.server.propose(InternalOp::LeaseGrant(req)).await? {
-            ApplyResponse::LeaseGrant(mut r) => {
-                self.lessor.refresh(&LeaseRecord {
-                    id: r.id,
-                    ttl: r.ttl,
-                    remaining: 0,
-                });
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(to_status(Error::Corrupt(format!(
-                "grant answered {other:?}"
-            )))),
-        }
+        let r = self
+            .server
+            .propose_for(InternalOp::LeaseGrant(req), |r| match r {
+                ApplyResponse::LeaseGrant(g) => Some(g),
+                _ => None,
+            })
+            .await?;
+        self.lessor.refresh(&LeaseRecord {
+            id: r.id,
+            ttl: r.ttl,
+            remaining: 0,
+        });
+        Ok(Response::new(r))
     }
 
     async fn lease_revoke(
@@ -102,16 +101,15 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let req = req.into_inner();
         let id = req.id;
-        match self.server.propose(InternalOp::LeaseRevoke(req)).await? {
-            ApplyResponse::LeaseRevoke(mut r) => {
-                self.lessor.forget(id);
-                self.server.fill_header(&mut r.header);
-                Ok(Response::new(r))
-            }
-            other => Err(to_status(Error::Corrupt(format!(
-                "revoke answered {other:?}"
-            )))),
-        }
+        let r = self
+            .server
+            .propose_for(InternalOp::LeaseRevoke(req), |r| match r {
+                ApplyResponse::LeaseRevoke(v) => Some(v),
+                _ => None,
+            })
+            .await?;
+        self.lessor.forget(id);
+        Ok(Response::new(r))
     }
 
     type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;

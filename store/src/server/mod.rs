@@ -80,7 +80,47 @@ impl EtcdServer {
         }
         self.raft.propose(op).await.map_err(to_status)
     }
+
+    /// Proposes a write whose answer is the response `pick` extracts, and completes
+    /// that response's header.
+    pub async fn propose_for<T: HasHeader>(
+        &self,
+        op: InternalOp,
+        pick: fn(ApplyResponse) -> Option<T>,
+    ) -> Result<T, Status> {
+        let resp = self.propose(op).await?;
+        let unexpected = format!("apply answered with {resp:?}");
+        let mut r = pick(resp).ok_or_else(|| to_status(Error::Corrupt(unexpected)))?;
+        self.fill_header(r.header_mut());
+        Ok(r)
+    }
 }
+
+/// A response message with etcd's header.
+pub trait HasHeader {
+    fn header_mut(&mut self) -> &mut Option<ResponseHeader>;
+}
+
+macro_rules! has_header {
+    ($($t:ty),*) => {
+        $(impl HasHeader for $t {
+            fn header_mut(&mut self) -> &mut Option<ResponseHeader> {
+                &mut self.header
+            }
+        })*
+    };
+}
+
+has_header!(
+    pontoon_proto::etcdserverpb::PutResponse,
+    pontoon_proto::etcdserverpb::DeleteRangeResponse,
+    pontoon_proto::etcdserverpb::TxnResponse,
+    pontoon_proto::etcdserverpb::CompactionResponse,
+    pontoon_proto::etcdserverpb::LeaseGrantResponse,
+    pontoon_proto::etcdserverpb::LeaseRevokeResponse
+);
+
+impl EtcdServer {}
 
 fn read_id(mvcc: &MvccStore, key: &str) -> Result<Option<u64>> {
     match mvcc.meta_get(key)? {
