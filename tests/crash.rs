@@ -66,6 +66,16 @@ async fn acknowledged_writes_survive_kill_9() {
         );
         last_rev = rev;
     }
+    // The raft log was truncated along the way: the first WAL segment is gone.
+    let wal = m.data_dir().join("member").join("wal");
+    let segments: Vec<String> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !segments.contains(&"0000000000000001.wal".to_string()),
+        "no log truncation happened: {segments:?}"
+    );
 }
 
 #[tokio::test]

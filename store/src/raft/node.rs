@@ -43,7 +43,8 @@ use crate::mvcc::{ApplyResponse, Change, MvccStore};
 pub type OnApplied = Arc<dyn Fn(Vec<Change>) + Send + Sync>;
 
 /// Entries kept in the log after truncation, so a briefly lagging follower can catch
-/// up without a snapshot (etcd keeps the same number).
+/// up without a snapshot (etcd keeps the same number). Never more than the snapshot
+/// count: each truncation rewrites the kept entries.
 const CATCH_UP_ENTRIES: u64 = 5000;
 
 #[derive(Clone, Debug)]
@@ -221,6 +222,7 @@ impl RaftNode {
             status: status.clone(),
             tick: cfg.tick,
             election_ticks: cfg.election_ticks,
+            catch_up: CATCH_UP_ENTRIES.min(cfg.snapshot_count),
             queued: Vec::new(),
             reads_new: Vec::new(),
             reads_in_flight: HashMap::new(),
@@ -355,6 +357,8 @@ struct Driver {
     status: Arc<RaftStatus>,
     tick: Duration,
     election_ticks: usize,
+    /// Entries kept behind a log truncation.
+    catch_up: u64,
     /// Proposals held while no leader is known.
     queued: Vec<(u64, Vec<u8>)>,
     /// Read-index requests not yet sent to raft; they will share one round.
@@ -401,7 +405,7 @@ impl Driver {
             Command::Propose { id, data } => self.queued.push((id, data)),
             Command::ReadIndex(tx) => self.reads_new.push(tx),
             Command::StateDurable(index) => {
-                let upto = index.saturating_sub(CATCH_UP_ENTRIES);
+                let upto = index.saturating_sub(self.catch_up);
                 if upto >= self.raw.store().first_index() {
                     tracing::info!(compact_index = upto, "truncating raft log");
                     self.raw.mut_store().compact(upto)?;
