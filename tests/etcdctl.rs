@@ -133,6 +133,31 @@ fn normalize(s: &str) -> String {
     out
 }
 
+/// Runs `run` against a fresh real etcd and a fresh Pontoon and asserts that every
+/// step printed the same.
+fn must_match_etcd(run: impl Fn(&Member) -> Vec<String>) {
+    assert!(
+        have_etcd(),
+        "this test compares with real etcd: apt-get install -y etcd-server"
+    );
+    let want = run(&Member::start(Target::Etcd));
+    let got = run(&Member::start(Target::Pontoon));
+    assert_eq!(want.len(), got.len());
+    let diffs: Vec<String> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .map(|(w, g)| format!("--- etcd\n{w}--- pontoon\n{g}"))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} of {} steps differ:\n{}",
+        diffs.len(),
+        want.len(),
+        diffs.join("\n")
+    );
+}
+
 fn run_script(m: &Member) -> Vec<String> {
     SCRIPT
         .iter()
@@ -151,27 +176,7 @@ fn run_script(m: &Member) -> Vec<String> {
 
 #[test]
 fn etcdctl_outputs_match_etcd() {
-    assert!(
-        have_etcd(),
-        "this test compares with real etcd: apt-get install -y etcd-server etcd-client"
-    );
-    let etcd = Member::start(Target::Etcd);
-    let want = run_script(&etcd);
-    let pontoon = Member::start(Target::Pontoon);
-    let got = run_script(&pontoon);
-    let mut diffs = Vec::new();
-    for (w, g) in want.iter().zip(&got) {
-        if w != g {
-            diffs.push(format!("--- etcd\n{w}--- pontoon\n{g}"));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} of {} steps differ:\n{}",
-        diffs.len(),
-        SCRIPT.len(),
-        diffs.join("\n")
-    );
+    must_match_etcd(run_script);
 }
 
 #[test]
@@ -228,10 +233,6 @@ fn etcdctl_against_pontoon() {
 /// revision) prints the same against both servers.
 #[test]
 fn etcdctl_watch_matches_etcd() {
-    assert!(
-        have_etcd(),
-        "this test compares with real etcd: apt-get install -y etcd-server"
-    );
     let run = |m: &Member| -> Vec<String> {
         for (k, v) in [("w1", "a"), ("w2", "b"), ("w1", "c")] {
             assert!(m.etcdctl(&["put", k, v]).0);
@@ -266,23 +267,13 @@ fn etcdctl_watch_matches_etcd() {
         outs.push(watch(&["w", "--prefix", "--rev", "4"]));
         outs
     };
-    let etcd = Member::start(Target::Etcd);
-    let want = run(&etcd);
-    let pontoon = Member::start(Target::Pontoon);
-    let got = run(&pontoon);
-    for (w, g) in want.iter().zip(&got) {
-        assert_eq!(w, g, "--- etcd\n{w}\n--- pontoon\n{g}");
-    }
+    must_match_etcd(run);
 }
 
 /// `etcdctl lease ...` prints the same against both servers (lease IDs, which each
 /// server chooses, and the remaining TTL second masked).
 #[test]
 fn etcdctl_lease_matches_etcd() {
-    assert!(
-        have_etcd(),
-        "this test compares with real etcd: apt-get install -y etcd-server"
-    );
     let run = |m: &Member| -> Vec<String> {
         let (ok, out, err) = m.etcdctl(&["lease", "grant", "100"]);
         assert!(ok, "{err}");
@@ -315,11 +306,5 @@ fn etcdctl_lease_matches_etcd() {
             })
             .collect()
     };
-    let etcd = Member::start(Target::Etcd);
-    let want = run(&etcd);
-    let pontoon = Member::start(Target::Pontoon);
-    let got = run(&pontoon);
-    for (w, g) in want.iter().zip(&got) {
-        assert_eq!(w, g, "--- etcd\n{w}\n--- pontoon\n{g}");
-    }
+    must_match_etcd(run);
 }
