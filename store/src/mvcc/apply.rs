@@ -51,18 +51,9 @@ pub fn put(txn: &mut WriteTxn<'_>, p: &PutRequest) -> Result<PutResponse> {
 }
 
 fn put_unchecked(txn: &mut WriteTxn<'_>, p: &PutRequest) -> Result<PutResponse> {
-    let prev = txn.get(&p.key)?;
-    let value = match (&prev, p.ignore_value) {
-        (Some(prev), true) => prev.value.clone(),
-        (None, true) => return Err(Error::KeyNotFound),
-        (_, false) => p.value.clone(),
-    };
-    let lease = match (&prev, p.ignore_lease) {
-        (Some(prev), true) => prev.lease,
-        (None, true) => return Err(Error::KeyNotFound),
-        (_, false) => p.lease,
-    };
-    txn.put(&p.key, value, lease)?;
+    let value = (!p.ignore_value).then(|| p.value.clone());
+    let lease = (!p.ignore_lease).then_some(p.lease);
+    let prev = txn.put(&p.key, value, lease)?;
     Ok(PutResponse {
         header: header(txn.read_revision()),
         prev_kv: if p.prev_kv { prev } else { None },

@@ -21,7 +21,7 @@ use super::revision::Revision;
 use super::span::KeySpan;
 use super::view::{get_kv_db, scan_index_db, ReadView};
 use super::{encode_record, MvccStore, CF_INDEX, CF_LEASE, CF_REV};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One change made by a write transaction, in order. Watchers will be fed from these.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,9 +88,29 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    /// Writes `key`, returning the previous value if the key existed.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<Option<KeyValue>> {
-        let prev = self.get(key)?;
+    /// Writes `key`, returning the previous value if the key existed. A `None` value
+    /// or lease keeps the key's current one (etcd's `ignore_value` / `ignore_lease`),
+    /// which fails with `KeyNotFound` if the key does not exist. One index read and
+    /// one value read: this is the hot path of every Put.
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        lease: Option<i64>,
+    ) -> Result<Option<KeyValue>> {
+        let mut ki = self.get_index(key)?.unwrap_or_default();
+        let prev = match ki.visible_at(self.read_revision()) {
+            Some(rev) => Some(self.get_kv(rev)?),
+            None => None,
+        };
+        let (value, lease) = match (&prev, value, lease) {
+            (_, Some(value), Some(lease)) => (value, lease),
+            (None, _, _) => return Err(Error::KeyNotFound),
+            (Some(p), value, lease) => (
+                value.unwrap_or_else(|| p.value.clone()),
+                lease.unwrap_or(p.lease),
+            ),
+        };
         let rev = self.next_revision();
         let kv = KeyValue {
             key: key.to_vec(),
@@ -110,7 +130,6 @@ impl<'a> WriteTxn<'a> {
                 self.attachments.insert(attachment_key(lease, key), true);
             }
         }
-        let mut ki = self.get_index(key)?.unwrap_or_default();
         ki.put(rev);
         self.index.insert(key.to_vec(), ki);
         self.kvs.insert(rev, kv.clone());
