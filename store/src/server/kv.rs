@@ -48,8 +48,8 @@ impl Kv for KvService {
         validate::check_put(&req).map_err(to_status)?;
         let op = InternalOp::Put(req);
         let r = self.server.propose_for(op, |r| match r {
-            ApplyResponse::Put(p) => Some(p),
-            _ => None,
+            ApplyResponse::Put(p) => Ok(p),
+            other => Err(other),
         });
         Ok(Response::new(r.await?))
     }
@@ -62,8 +62,8 @@ impl Kv for KvService {
         validate::check_delete(&req).map_err(to_status)?;
         let op = InternalOp::DeleteRange(req);
         let r = self.server.propose_for(op, |r| match r {
-            ApplyResponse::DeleteRange(d) => Some(d),
-            _ => None,
+            ApplyResponse::DeleteRange(d) => Ok(d),
+            other => Err(other),
         });
         Ok(Response::new(r.await?))
     }
@@ -73,8 +73,8 @@ impl Kv for KvService {
         validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
         let op = InternalOp::Txn(req);
         let r = self.server.propose_for(op, |r| match r {
-            ApplyResponse::Txn(t) => Some(t),
-            _ => None,
+            ApplyResponse::Txn(t) => Ok(t),
+            other => Err(other),
         });
         Ok(Response::new(r.await?))
     }
@@ -85,8 +85,8 @@ impl Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         let op = InternalOp::Compaction(req.into_inner());
         let r = self.server.propose_for(op, |r| match r {
-            ApplyResponse::Compaction(c) => Some(c),
-            _ => None,
+            ApplyResponse::Compaction(c) => Ok(c),
+            other => Err(other),
         });
         Ok(Response::new(r.await?))
     }

@@ -83,8 +83,8 @@ impl Lease for LeaseService {
         let r = self
             .server
             .propose_for(InternalOp::LeaseGrant(req), |r| match r {
-                ApplyResponse::LeaseGrant(g) => Some(g),
-                _ => None,
+                ApplyResponse::LeaseGrant(g) => Ok(g),
+                other => Err(other),
             })
             .await?;
         self.lessor.refresh(&LeaseRecord {
@@ -104,8 +104,8 @@ impl Lease for LeaseService {
         let r = self
             .server
             .propose_for(InternalOp::LeaseRevoke(req), |r| match r {
-                ApplyResponse::LeaseRevoke(v) => Some(v),
-                _ => None,
+                ApplyResponse::LeaseRevoke(v) => Ok(v),
+                other => Err(other),
             })
             .await?;
         self.lessor.forget(id);

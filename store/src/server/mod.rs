@@ -81,16 +81,15 @@ impl EtcdServer {
         self.raft.propose(op).await.map_err(to_status)
     }
 
-    /// Proposes a write whose answer is the response `pick` extracts, and completes
-    /// that response's header.
+    /// Proposes a write whose answer is the response `pick` extracts (handing back
+    /// any other), and completes that response's header.
     pub async fn propose_for<T: HasHeader>(
         &self,
         op: InternalOp,
-        pick: fn(ApplyResponse) -> Option<T>,
+        pick: fn(ApplyResponse) -> Result<T, ApplyResponse>,
     ) -> Result<T, Status> {
-        let resp = self.propose(op).await?;
-        let unexpected = format!("apply answered with {resp:?}");
-        let mut r = pick(resp).ok_or_else(|| to_status(Error::Corrupt(unexpected)))?;
+        let mut r = pick(self.propose(op).await?)
+            .map_err(|other| to_status(Error::Corrupt(format!("apply answered with {other:?}"))))?;
         self.fill_header(r.header_mut());
         Ok(r)
     }
