@@ -41,12 +41,44 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: corrupt cluster")]
+    CorruptCluster,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: member ID already exist")]
+    MemberExist,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExist,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    #[error("etcdserver: unhealthy cluster")]
+    UnhealthyCluster,
+    #[error("etcdserver: the member has been permanently removed from the cluster")]
+    MemberRemoved,
 
     // ---- availability: the request may be retried ----
     #[error("etcdserver: no leader")]
     NoLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     #[error("etcdserver: server stopped")]
     Stopped,
 
@@ -82,6 +114,8 @@ impl Error {
                 | Error::LeaseExist
                 | Error::LeaseTtlTooLarge
                 | Error::RequestTooLarge
+                | Error::NoSpace
+                | Error::CorruptCluster
         )
     }
 }

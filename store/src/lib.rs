@@ -7,10 +7,15 @@
 //! the proposal gets the response.
 //!
 //! Dependency arrows point down: `server` -> `raft` -> `mvcc` -> RocksDB. `mvcc`
-//! knows nothing of raft or gRPC.
+//! knows nothing of raft or gRPC (membership, alarms and snapshot files are state
+//! machine data to it; raft metadata it stores is opaque bytes). `backup` is the
+//! operator's `pontoon snapshot` tooling; `metrics` the process-wide Prometheus
+//! registry.
 
+pub mod backup;
 pub mod error;
 pub mod lease;
+pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod server;

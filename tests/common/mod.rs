@@ -30,6 +30,12 @@ pub struct Member {
     pub peer_port: u16,
     pub data_dir: PathBuf,
     pub extra_args: Vec<String>,
+    /// `--name`; "default" for a single member.
+    pub name: String,
+    /// `--initial-cluster`; `<name>=<own peer URL>` when `None`.
+    pub initial_cluster: Option<String>,
+    /// `--initial-cluster-state`.
+    pub cluster_state: &'static str,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
     log: PathBuf,
@@ -41,21 +47,39 @@ impl Member {
     }
 
     pub fn start_with(target: Target, extra: &[&str]) -> Member {
+        let mut m = Self::new(target, "default", extra);
+        m.spawn();
+        m
+    }
+
+    /// A member that is not started yet.
+    pub fn new(target: Target, name: &str, extra: &[&str]) -> Member {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let log = tmp.path().join("server.log");
-        let mut m = Member {
+        Member {
             target,
             client_port: free_port(),
             peer_port: free_port(),
             data_dir,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            name: name.to_string(),
+            initial_cluster: None,
+            cluster_state: "new",
             _tmp: Some(tmp),
             child: None,
             log,
-        };
-        m.spawn();
-        m
+        }
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn endpoint(&self) -> String {
@@ -63,6 +87,12 @@ impl Member {
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    /// Starts the process without waiting for it to serve.
+    pub fn spawn_process(&mut self) {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = match self.target {
@@ -73,9 +103,15 @@ impl Member {
             }
             Target::Etcd => Command::new("etcd"),
         };
+        let cluster = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={peer}", self.name));
         cmd.args([
             "--name",
-            "default",
+            &self.name,
+            "--initial-cluster-state",
+            self.cluster_state,
             "--data-dir",
             self.data_dir.to_str().expect("utf-8 path"),
             "--listen-client-urls",
@@ -87,7 +123,7 @@ impl Member {
             "--initial-advertise-peer-urls",
             &peer,
             "--initial-cluster",
-            &format!("default={peer}"),
+            &cluster,
         ]);
         cmd.args(&self.extra_args);
         let log = std::fs::OpenOptions::new()
@@ -100,11 +136,10 @@ impl Member {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.target));
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Waits until the server answers a linearizable read.
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self
@@ -180,6 +215,22 @@ impl Member {
         self.spawn();
     }
 
+    /// The process's exit status once it has exited by itself, waiting up to `d`.
+    pub fn wait_exit(&mut self, d: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + d;
+        loop {
+            let st = self.child.as_mut()?.try_wait().ok().flatten();
+            if let Some(st) = st {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -237,6 +288,91 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A cluster of members on loopback, started together.
+pub struct Cluster {
+    pub members: Vec<Member>,
+}
+
+impl Cluster {
+    pub fn start(target: Target, n: usize, extra: &[&str]) -> Cluster {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        Self::start_on(target, &ports, extra)
+    }
+
+    /// A cluster whose members use these (client, peer) ports.
+    pub fn start_on(target: Target, ports: &[(u16, u16)], extra: &[&str]) -> Cluster {
+        let mut members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let mut m = Member::new(target, &format!("m{}", i + 1), extra);
+                m.client_port = *client;
+                m.peer_port = *peer;
+                m
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = Some(initial.clone());
+            m.spawn_process();
+        }
+        for m in &mut members {
+            m.wait_ready();
+        }
+        Cluster { members }
+    }
+
+    /// `--initial-cluster` naming every member plus `extra` (`name=url`).
+    pub fn initial_cluster_with(&self, extra: &str) -> String {
+        let mut parts: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect();
+        parts.push(extra.to_string());
+        parts.join(",")
+    }
+
+    /// Comma-separated client endpoints of the running members.
+    pub fn endpoints(&mut self) -> String {
+        self.members
+            .iter_mut()
+            .filter_map(|m| m.is_running().then(|| m.endpoint()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the member that reports itself leader, waiting up to `d`.
+    pub async fn wait_leader(&mut self, d: Duration) -> Option<usize> {
+        let deadline = Instant::now() + d;
+        loop {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if !m.is_running() {
+                    continue;
+                }
+                let ep = m.endpoint();
+                let Ok(mut c) = etcd_client::Client::connect([ep], None).await else {
+                    continue;
+                };
+                if let Ok(s) = c.status().await {
+                    let id = s.header().map(|h| h.member_id()).unwrap_or(0);
+                    if s.leader() == id && id != 0 {
+                        return Some(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

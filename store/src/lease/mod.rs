@@ -66,6 +66,13 @@ impl Lessor {
         secs_left(d, now)
     }
 
+    /// Forgets every deadline: called when this member becomes leader, so that each
+    /// lease restarts from its replicated checkpoint rather than from whatever this
+    /// member last saw while it followed.
+    pub fn clear(&self) {
+        self.deadlines.lock().expect("lessor lock").clear();
+    }
+
     /// Forgets a revoked lease.
     pub fn forget(&self, id: i64) {
         self.deadlines.lock().expect("lessor lock").remove(&id);

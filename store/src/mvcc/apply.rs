@@ -263,3 +263,15 @@ pub fn txn_writes(req: &TxnRequest) -> bool {
             _ => false,
         })
 }
+
+/// True if no operation of `req` (on either branch, at any depth) writes.
+pub fn txn_is_read_only(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(_)) | None => true,
+            Some(Request::RequestTxn(t)) => txn_is_read_only(t),
+            Some(_) => false,
+        })
+}

@@ -23,25 +23,31 @@
 //! - Restart reads three numbers from `meta`; nothing proportional to the number of
 //!   keys is loaded or rebuilt.
 
+pub mod alarm;
 pub mod apply;
+pub mod hash;
 pub mod history;
 pub mod key_index;
 pub mod lease;
+pub mod members;
 pub mod range;
 pub mod revision;
+pub mod snapshot;
 pub mod span;
 pub mod view;
 pub mod write;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::RwLock;
 
 use prost::Message;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use pontoon_proto::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse,
-    RangeRequest, RangeResponse, ResponseHeader, TxnResponse,
+    AlarmResponse, CompactionResponse, DeleteRangeResponse, LeaseGrantResponse,
+    LeaseRevokeResponse, Member, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    TxnResponse,
 };
 use pontoon_proto::internal::internal_request::Request as InternalOp;
 use pontoon_proto::internal::InternalRequest;
@@ -49,6 +55,7 @@ use pontoon_proto::mvccpb::KeyValue;
 
 use crate::error::{Error, Result};
 pub use key_index::KeyIndex;
+pub use members::MemberChange;
 pub use revision::Revision;
 pub use span::KeySpan;
 pub use write::Change;
@@ -72,6 +79,9 @@ pub enum ApplyResponse {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint,
+    /// The member list after a membership change.
+    Members(Vec<Member>),
+    Alarm(AlarmResponse),
 }
 
 /// What applying one entry did.
@@ -89,6 +99,13 @@ pub struct MvccStore {
     current: AtomicI64,
     compacted: AtomicI64,
     applied: AtomicU64,
+    /// Cached: a NOSPACE alarm is active.
+    no_space: AtomicBool,
+    /// Cached: a CORRUPT alarm is active.
+    corrupt: AtomicBool,
+    /// Held for writing while a snapshot replaces the key space; readers take it
+    /// (briefly) to start a consistent read.
+    install_lock: RwLock<()>,
 }
 
 pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
@@ -138,12 +155,31 @@ impl MvccStore {
         let current = get_i64(&db, meta, META_CURRENT_REV)?.unwrap_or(1);
         let compacted = get_i64(&db, meta, META_COMPACT_REV)?.unwrap_or(0);
         let applied = get_i64(&db, meta, META_APPLIED_INDEX)?.unwrap_or(0) as u64;
-        Ok(MvccStore {
+        let store = MvccStore {
             db,
             current: AtomicI64::new(current),
             compacted: AtomicI64::new(compacted),
             applied: AtomicU64::new(applied),
-        })
+            no_space: AtomicBool::new(false),
+            corrupt: AtomicBool::new(false),
+            install_lock: RwLock::new(()),
+        };
+        store.resume_install()?;
+        store.refresh_alarm_cache()?;
+        Ok(store)
+    }
+
+    /// Writes a batch and syncs the engine's WAL.
+    pub(crate) fn write_sync(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Commits a batch that changes no key as the apply of entry `index`.
+    pub(crate) fn finish_meta(&self, index: u64, batch: WriteBatch) -> Result<()> {
+        self.finish(index, batch, None, Ok(ApplyResponse::LeaseCheckpoint))
+            .map(|_| ())
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
@@ -169,9 +205,11 @@ impl MvccStore {
 
     /// Serves a Range at its revision from a consistent snapshot.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let installing = self.install_lock.read().expect("install lock");
         let current = self.current_revision();
         let view = view::SnapView::new(self);
         let compacted = self.compact_revision();
+        drop(installing);
         range::range(&view, req, current, compacted)
     }
 
@@ -184,9 +222,7 @@ impl MvccStore {
     pub fn meta_put_sync(&self, key: &str, value: &[u8]) -> Result<()> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), key.as_bytes(), value);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        Ok(self.db.write_opt(batch, &wo)?)
+        self.write_sync(batch)
     }
 
     /// Applies the write request of raft entry `index`. An `Err` return is not the
@@ -194,6 +230,12 @@ impl MvccStore {
     pub fn apply(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
         debug_assert!(index > self.applied_index(), "entries apply once, in order");
         let mut batch = WriteBatch::default();
+        if self.no_space() && grows_store(req.request.as_ref()) {
+            return self.finish(index, batch, None, Err(Error::NoSpace));
+        }
+        if self.corrupt() && changes_keys(req.request.as_ref()) {
+            return self.finish(index, batch, None, Err(Error::CorruptCluster));
+        }
         let mut txn = write::WriteTxn::new(self);
         let compacted = self.compact_revision();
         let outcome = match &req.request {
@@ -233,6 +275,31 @@ impl MvccStore {
                     }
                     Err(e) => Err(e),
                 };
+            }
+            Some(InternalOp::MemberAttributes(m)) => {
+                drop(txn);
+                let members =
+                    self.apply_member_change(index, &MemberChange::Attributes(m.clone()))?;
+                return Ok(Applied {
+                    response: Ok(ApplyResponse::Members(members)),
+                    changes: Vec::new(),
+                });
+            }
+            Some(InternalOp::MemberPeerUrls(m)) => {
+                drop(txn);
+                let members =
+                    self.apply_member_change(index, &MemberChange::PeerUrls(m.clone()))?;
+                return Ok(Applied {
+                    response: Ok(ApplyResponse::Members(members)),
+                    changes: Vec::new(),
+                });
+            }
+            Some(InternalOp::Alarm(a)) => {
+                drop(txn);
+                let resp = self.apply_alarm(a, &mut batch)?;
+                let applied = self.finish(index, batch, None, Ok(ApplyResponse::Alarm(resp)))?;
+                self.refresh_alarm_cache()?;
+                return Ok(applied);
             }
             None => Err(Error::Corrupt(format!("entry {index} carries no request"))),
         };
@@ -278,7 +345,11 @@ impl MvccStore {
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_APPLIED_INDEX, (index as i64).to_be_bytes());
         batch.put_cf(meta, META_CURRENT_REV, rev.to_be_bytes());
+        let started = std::time::Instant::now();
         self.db.write(batch)?;
+        crate::metrics::METRICS
+            .backend_commit
+            .observe(started.elapsed());
         self.current.store(rev, Ordering::Release);
         self.applied.store(index, Ordering::Release);
         Ok(Applied { response, changes })
@@ -333,6 +404,32 @@ impl MvccStore {
                 ..Default::default()
             }),
         })
+    }
+}
+
+/// Requests refused while a NOSPACE alarm is active, as etcd's capped applier does:
+/// puts, transactions that write, and lease grants.
+pub fn grows_store(op: Option<&InternalOp>) -> bool {
+    match op {
+        Some(InternalOp::Put(_)) | Some(InternalOp::LeaseGrant(_)) => true,
+        Some(InternalOp::Txn(t)) => !apply::txn_is_read_only(t),
+        _ => false,
+    }
+}
+
+/// Requests refused while a CORRUPT alarm is active: everything that changes keys,
+/// leases or the compaction point.
+fn changes_keys(op: Option<&InternalOp>) -> bool {
+    match op {
+        Some(InternalOp::Txn(t)) => !apply::txn_is_read_only(t),
+        Some(
+            InternalOp::Put(_)
+            | InternalOp::DeleteRange(_)
+            | InternalOp::Compaction(_)
+            | InternalOp::LeaseGrant(_)
+            | InternalOp::LeaseRevoke(_),
+        ) => true,
+        _ => false,
     }
 }
 

@@ -17,41 +17,72 @@
 //! applied. A read-index request is answered once the leader has confirmed the commit
 //! index for it; the caller then waits until the apply thread has reached that index.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType};
-use ::raft::{RawNode, StateRole};
+use ::raft::prelude::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+    SnapshotMetadata,
+};
+use ::raft::{RawNode, SnapshotStatus, StateRole};
 use prost::Message as _;
 use protobuf::Message as _;
 use tokio::sync::{oneshot, watch};
 
+use pontoon_proto::etcdserverpb::Member;
 use pontoon_proto::internal::internal_request::Request as InternalOp;
 use pontoon_proto::internal::InternalRequest;
 
 use super::logger::raft_logger;
 use super::storage::WalStorage;
+use super::transport::{Report, Transport};
 use crate::error::{Error, Result};
-use crate::mvcc::{ApplyResponse, Change, MvccStore};
+use crate::mvcc::members::decode_member;
+use crate::mvcc::snapshot::SnapshotFile;
+use crate::mvcc::{ApplyResponse, Change, MemberChange, MvccStore};
 
-/// Receives the changes of each applied entry, in revision order (the watch hub).
-pub type OnApplied = Arc<dyn Fn(Vec<Change>) + Send + Sync>;
+/// What the apply loop tells the rest of the member. Called on the apply thread, in
+/// log order; implementations must not block.
+pub trait StateObserver: Send + Sync {
+    /// The changes of one applied entry, in revision order (the watch hub).
+    fn on_changes(&self, changes: Vec<Change>);
+    /// The member list changed (or is known for the first time).
+    fn on_members(&self, members: &[Member]);
+    /// A snapshot replaced the whole state machine.
+    fn on_snapshot_installed(&self);
+    /// This member was removed from the cluster: it must stop.
+    fn on_removed(&self);
+}
 
 /// Entries kept in the log after truncation, so a briefly lagging follower can catch
 /// up without a snapshot (etcd keeps the same number). Never more than the snapshot
 /// count: each truncation rewrites the kept entries.
 const CATCH_UP_ENTRIES: u64 = 5000;
 
+/// How to create the raft log when the WAL does not exist yet.
+#[derive(Clone, Debug)]
+pub enum Bootstrap {
+    /// A new cluster of these members (all voters).
+    New(Vec<Member>),
+    /// Join a running cluster: start empty, learn everything from the leader.
+    Join,
+}
+
+/// Forwarded proposals remembered before the answered ones are pruned.
+const FORWARDED_PRUNE_AT: usize = 4096;
+
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
     pub id: u64,
-    /// Voters of a new cluster; ignored when the log already exists.
-    pub initial_voters: Vec<u64>,
+    /// Used only when the log does not exist yet.
+    pub bootstrap: Bootstrap,
+    /// Where state-machine snapshot files are written and received.
+    pub snap_dir: PathBuf,
     /// One raft tick: etcd's `--heartbeat-interval`.
     pub tick: Duration,
     /// Ticks without a leader before campaigning: `--election-timeout / --heartbeat-interval`.
@@ -63,14 +94,37 @@ pub struct RaftConfig {
 /// What a caller learns about the node, updated by the raft thread.
 #[derive(Debug, Default)]
 pub struct RaftStatus {
+    id: u64,
     term: AtomicU64,
     leader: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
+    applied: AtomicU64,
+    is_learner: AtomicBool,
     stopped: AtomicBool,
+    pub leader_changes: AtomicU64,
+    pub proposals_committed: AtomicU64,
+    pub proposals_applied: AtomicU64,
+    pub proposals_pending: AtomicU64,
+    pub proposals_failed: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 impl RaftStatus {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn is_leader(&self) -> bool {
+        self.leader() == self.id
+    }
+    /// The raft index of the last entry applied to the state machine.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+    pub fn is_learner(&self) -> bool {
+        self.is_learner.load(Ordering::Acquire)
+    }
     pub fn term(&self) -> u64 {
         self.term.load(Ordering::Acquire)
     }
@@ -105,6 +159,9 @@ impl Waiters {
             let _ = tx.send(r);
         }
     }
+    fn is_waiting(&self, id: u64) -> bool {
+        self.0.lock().expect("waiters lock").contains_key(&id)
+    }
     fn forget(&self, id: u64) {
         self.0.lock().expect("waiters lock").remove(&id);
     }
@@ -115,15 +172,50 @@ impl Waiters {
     }
 }
 
+/// Replication progress of one member, as the leader sees it.
+#[derive(Clone, Debug)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched: u64,
+}
+
 enum Command {
     Propose {
         id: u64,
         data: Vec<u8>,
     },
+    ProposeConfChange {
+        id: u64,
+        cc: ConfChange,
+    },
     ReadIndex(oneshot::Sender<Result<u64>>),
     /// The state machine is durable up to this index: the log may be truncated.
     StateDurable(u64),
+    /// A message from a peer.
+    Step(Message),
+    Report(Report),
+    /// A state-machine snapshot file for sending was written (or failed).
+    SnapshotReady(Result<SnapshotFile>),
+    TransferLeader(u64),
+    /// The leader's view of every member's progress; `None` if not the leader.
+    Progress(oneshot::Sender<Option<Vec<PeerProgress>>>),
     Stop,
+}
+
+/// Work for the apply thread, in log order.
+enum ApplyTask {
+    /// Committed entries; conf changes at the `rejected` indexes were refused by raft
+    /// (every member refuses the same ones) and change nothing.
+    Entries {
+        entries: Vec<Entry>,
+        rejected: HashSet<u64>,
+    },
+    /// Replace the state machine with a received snapshot file.
+    Snapshot {
+        path: PathBuf,
+        meta: SnapshotMetadata,
+        done: mpsc::Sender<Result<()>>,
+    },
 }
 
 /// A handle to a running raft node. Cheap to share behind an `Arc`.
@@ -135,6 +227,33 @@ pub struct RaftNode {
     next_id: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     request_timeout: Duration,
+    snap_dir: PathBuf,
+}
+
+/// The conf-change entries a new cluster's log starts with, one per member, sorted by
+/// ID so that every member writes the same log.
+fn bootstrap_entries(members: &[Member]) -> Result<Vec<Entry>> {
+    let mut members = members.to_vec();
+    members.sort_by_key(|m| m.id);
+    members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::AddNode);
+            cc.node_id = m.id;
+            cc.context = m.encode_to_vec().into();
+            let mut e = Entry::default();
+            e.set_entry_type(EntryType::EntryConfChange);
+            e.term = 1;
+            e.index = i as u64 + 1;
+            e.data = cc
+                .write_to_bytes()
+                .map_err(|err| Error::Raft(err.to_string()))?
+                .into();
+            Ok(e)
+        })
+        .collect()
 }
 
 impl RaftNode {
@@ -145,15 +264,37 @@ impl RaftNode {
         cfg: RaftConfig,
         wal_dir: &Path,
         mvcc: Arc<MvccStore>,
-        on_applied: OnApplied,
+        observer: Arc<dyn StateObserver>,
+        transport: Arc<dyn Transport>,
         on_fatal: Arc<dyn Fn(Error) + Send + Sync>,
     ) -> Result<Arc<RaftNode>> {
+        std::fs::create_dir_all(&cfg.snap_dir)?;
         let mut storage = if super::wal::Wal::exists(wal_dir) {
             WalStorage::open(wal_dir)?
         } else {
-            let cs = ConfState::from((cfg.initial_voters.clone(), Vec::<u64>::new()));
-            WalStorage::bootstrap(wal_dir, cs)?
+            match &cfg.bootstrap {
+                Bootstrap::New(members) => {
+                    let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
+                    let cs = ConfState::from((voters, Vec::<u64>::new()));
+                    WalStorage::bootstrap(wal_dir, cs, bootstrap_entries(members)?)?
+                }
+                Bootstrap::Join => WalStorage::bootstrap(wal_dir, ConfState::default(), vec![])?,
+            }
         };
+        // A snapshot the state machine installed but the log never recorded (a crash
+        // between the two): the log continues after it.
+        if let Some(raw) = mvcc.installed_raft_snapshot()? {
+            let meta = SnapshotMetadata::parse_from_bytes(&raw)
+                .map_err(|e| Error::Corrupt(format!("stored raft snapshot metadata: {e}")))?;
+            if meta.index > storage.last_index() {
+                tracing::info!(
+                    index = meta.index,
+                    "log resumes after an installed snapshot"
+                );
+                storage.apply_snapshot(meta)?;
+                storage.sync()?;
+            }
+        }
         let applied = mvcc.applied_index();
         if applied < storage.first_index() - 1 {
             return Err(Error::Corrupt(format!(
@@ -177,7 +318,9 @@ impl RaftNode {
             id: cfg.id,
             election_tick: cfg.election_ticks.max(2),
             heartbeat_tick: 1,
-            applied,
+            // Replay from the log start: conf changes after it must be re-applied to
+            // raft; the apply thread skips entries the state machine already has.
+            applied: storage.snapshot_index(),
             check_quorum: true,
             pre_vote: true,
             max_size_per_msg: 1 << 20,
@@ -185,6 +328,39 @@ impl RaftNode {
             ..Default::default()
         };
         raft_cfg.validate()?;
+
+        let (tx, rx) = mpsc::channel();
+        let generating = Arc::new(AtomicBool::new(false));
+        {
+            let (tx, mvcc, dir, generating) = (
+                Mutex::new(tx.clone()),
+                mvcc.clone(),
+                cfg.snap_dir.clone(),
+                generating.clone(),
+            );
+            let seq = AtomicU64::new(0);
+            storage.set_request_snapshot(Arc::new(move || {
+                if generating.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let path = dir.join(format!("out-{}-{n}.snap", std::process::id()));
+                let (mvcc, busy) = (mvcc.clone(), generating.clone());
+                let tx = tx.lock().expect("sender lock").clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("snapshot".into())
+                        .spawn(move || {
+                            let r = mvcc.write_snapshot(&path);
+                            busy.store(false, Ordering::Release);
+                            let _ = tx.send(Command::SnapshotReady(r));
+                        });
+                if spawned.is_err() {
+                    generating.store(false, Ordering::Release);
+                }
+            }));
+        }
+
         let mut raw = RawNode::new(&raft_cfg, storage, &raft_logger())?;
         let single =
             raw.raft.prs().is_singleton() && raw.raft.prs().conf().voters().contains(cfg.id);
@@ -194,11 +370,14 @@ impl RaftNode {
             raw.campaign()?;
         }
 
-        let (tx, rx) = mpsc::channel();
-        let (apply_tx, apply_rx) = mpsc::channel::<Vec<Entry>>();
+        let (apply_tx, apply_rx) = mpsc::channel::<ApplyTask>();
         let (applied_tx, applied_rx) = watch::channel(applied);
         let waiters = Arc::new(Waiters::default());
-        let status = Arc::new(RaftStatus::default());
+        let status = Arc::new(RaftStatus {
+            id: cfg.id,
+            ..Default::default()
+        });
+        status.applied.store(applied, Ordering::Release);
         let prefix = (cfg.id & 0xffff) << 48;
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -212,18 +391,27 @@ impl RaftNode {
             next_id: AtomicU64::new(prefix | ((millis & 0xff_ffff_ffff) << 8)),
             threads: Mutex::new(Vec::new()),
             request_timeout: Duration::from_secs(5) + cfg.tick * (2 * cfg.election_ticks as u32),
+            snap_dir: cfg.snap_dir.clone(),
         });
+        {
+            let tx = Mutex::new(tx.clone());
+            transport.attach(Arc::new(move |r| {
+                let _ = tx.lock().expect("sender lock").send(Command::Report(r));
+            }));
+        }
 
         let mut driver = Driver {
             raw,
             rx,
             apply_tx,
+            transport,
             waiters: waiters.clone(),
             status: status.clone(),
             tick: cfg.tick,
             election_ticks: cfg.election_ticks,
             catch_up: CATCH_UP_ENTRIES.min(cfg.snapshot_count),
             queued: Vec::new(),
+            forwarded: Vec::new(),
             reads_new: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
@@ -240,11 +428,13 @@ impl RaftNode {
                 }
             })?;
         let mut applier = Applier {
+            id: cfg.id,
             mvcc,
             rx: apply_rx,
             tx,
             waiters,
-            on_applied,
+            observer,
+            status,
             applied_tx,
             snapshot_count: cfg.snapshot_count.max(1),
             last_durable: applied,
@@ -280,6 +470,34 @@ impl RaftNode {
             .map_err(|_| Error::Stopped)
     }
 
+    async fn wait(
+        &self,
+        id: u64,
+        rx: oneshot::Receiver<Result<ApplyResponse>>,
+    ) -> Result<ApplyResponse> {
+        self.status
+            .proposals_pending
+            .fetch_add(1, Ordering::Relaxed);
+        let r = match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Stopped),
+            Err(_) => {
+                self.waiters.forget(id);
+                Err(Error::Timeout)
+            }
+        };
+        self.status
+            .proposals_pending
+            .fetch_sub(1, Ordering::Relaxed);
+        if matches!(
+            r,
+            Err(Error::Timeout | Error::Stopped | Error::NoLeader | Error::LeaderChanged)
+        ) {
+            self.status.proposals_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Proposes a write and waits until it is applied, returning the store's answer.
     pub async fn propose(&self, op: InternalOp) -> Result<ApplyResponse> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -293,14 +511,29 @@ impl RaftNode {
             self.waiters.forget(id);
             return Err(e);
         }
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Stopped),
-            Err(_) => {
-                self.waiters.forget(id);
-                Err(Error::Timeout)
-            }
+        self.wait(id, rx).await
+    }
+
+    /// Proposes a membership change and waits until it is applied; answers with the
+    /// new member list.
+    pub async fn propose_conf_change(
+        &self,
+        change_type: ConfChangeType,
+        node_id: u64,
+        member: &Member,
+    ) -> Result<ApplyResponse> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change_type);
+        cc.node_id = node_id;
+        cc.id = id;
+        cc.context = member.encode_to_vec().into();
+        let rx = self.waiters.register(id);
+        if let Err(e) = self.send(Command::ProposeConfChange { id, cc }) {
+            self.waiters.forget(id);
+            return Err(e);
         }
+        self.wait(id, rx).await
     }
 
     /// Size in bytes of the log entry a proposal of `op` would write.
@@ -333,6 +566,29 @@ impl RaftNode {
         }
     }
 
+    /// Hands a message received from a peer to raft.
+    pub fn step(&self, m: Message) -> Result<()> {
+        self.send(Command::Step(m))
+    }
+
+    /// Where a snapshot received for `index` is stored before it is installed.
+    pub fn incoming_snapshot_path(&self, index: u64) -> PathBuf {
+        self.snap_dir.join(format!("in-{index:016x}.snap"))
+    }
+
+    /// Asks raft to hand leadership to `target` (leader only).
+    pub fn transfer_leader(&self, target: u64) -> Result<()> {
+        self.send(Command::TransferLeader(target))
+    }
+
+    /// The leader's view of each member's replication progress; `None` when this
+    /// member is not the leader.
+    pub async fn progress(&self) -> Result<Option<Vec<PeerProgress>>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Progress(tx))?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
     /// Stops both threads after the work in hand; pending callers get `Stopped`.
     pub fn stop(&self) {
         let _ = self.send(Command::Stop);
@@ -345,6 +601,7 @@ impl RaftNode {
         for t in threads {
             let _ = t.join();
         }
+        self.status.stopped.store(true, Ordering::Release);
         self.waiters.fail_all(|| Error::Stopped);
     }
 }
@@ -352,7 +609,8 @@ impl RaftNode {
 struct Driver {
     raw: RawNode<WalStorage>,
     rx: Receiver<Command>,
-    apply_tx: Sender<Vec<Entry>>,
+    apply_tx: Sender<ApplyTask>,
+    transport: Arc<dyn Transport>,
     waiters: Arc<Waiters>,
     status: Arc<RaftStatus>,
     tick: Duration,
@@ -360,12 +618,19 @@ struct Driver {
     /// Entries kept behind a log truncation.
     catch_up: u64,
     /// Proposals held while no leader is known.
-    queued: Vec<(u64, Vec<u8>)>,
+    queued: Vec<Queued>,
+    /// Proposals forwarded to another member as leader: (waiter id, that leader).
+    forwarded: Vec<(u64, u64)>,
     /// Read-index requests not yet sent to raft; they will share one round.
     reads_new: Vec<ReadWaiter>,
     /// Read-index rounds in flight, by context, with the ticks they have waited.
     reads_in_flight: HashMap<u64, (Vec<ReadWaiter>, usize)>,
     next_read_ctx: u64,
+}
+
+enum Queued {
+    Normal(u64, Vec<u8>),
+    ConfChange(u64, ConfChange),
 }
 
 impl Driver {
@@ -402,7 +667,8 @@ impl Driver {
     /// Returns false on `Stop`.
     fn on_command(&mut self, cmd: Command) -> Result<bool> {
         match cmd {
-            Command::Propose { id, data } => self.queued.push((id, data)),
+            Command::Propose { id, data } => self.queued.push(Queued::Normal(id, data)),
+            Command::ProposeConfChange { id, cc } => self.queued.push(Queued::ConfChange(id, cc)),
             Command::ReadIndex(tx) => self.reads_new.push(tx),
             Command::StateDurable(index) => {
                 let upto = index.saturating_sub(self.catch_up);
@@ -411,20 +677,115 @@ impl Driver {
                     self.raw.mut_store().compact(upto)?;
                 }
             }
+            Command::Step(m) => {
+                if let Err(e) = self.raw.step(m) {
+                    tracing::debug!(error = %e, "dropped a peer message");
+                }
+            }
+            Command::Report(Report::Unreachable(id)) => self.raw.report_unreachable(id),
+            Command::Report(Report::Snapshot { to, ok }) => {
+                if ok {
+                    self.status.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                let st = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, st);
+            }
+            Command::SnapshotReady(r) => self.offer_snapshot(r),
+            Command::TransferLeader(target) => self.raw.transfer_leader(target),
+            Command::Progress(tx) => {
+                let r = (self.raw.raft.state == StateRole::Leader).then(|| {
+                    self.raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .map(|(id, pr)| PeerProgress {
+                            id: *id,
+                            matched: pr.matched,
+                        })
+                        .collect()
+                });
+                let _ = tx.send(r);
+            }
             Command::Stop => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// A snapshot file for sending was written: offer it to raft-rs.
+    fn offer_snapshot(&mut self, r: Result<SnapshotFile>) {
+        let file = match r {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing a snapshot for a peer failed");
+                return;
+            }
+        };
+        let term = match ::raft::Storage::term(self.raw.store(), file.applied_index) {
+            Ok(t) => t,
+            Err(_) => {
+                // The log moved past it meanwhile; raft will ask again.
+                let _ = std::fs::remove_file(&file.path);
+                return;
+            }
+        };
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = file.applied_index;
+        meta.term = term;
+        meta.set_conf_state(ConfState::from((file.voters, file.learners)));
+        snap.data = file.path.to_string_lossy().as_bytes().to_vec().into();
+        tracing::info!(
+            index = file.applied_index,
+            bytes = file.size,
+            "snapshot ready to send"
+        );
+        if let Some(old) = self.raw.mut_store().set_outgoing(snap) {
+            let _ = std::fs::remove_file(String::from_utf8_lossy(&old).as_ref());
+        }
     }
 
     fn flush_queued(&mut self) {
         if self.raw.raft.leader_id == ::raft::INVALID_ID || self.queued.is_empty() {
             return;
         }
-        for (id, data) in std::mem::take(&mut self.queued) {
-            if self.raw.propose(Vec::new(), data).is_err() {
+        for q in std::mem::take(&mut self.queued) {
+            let (id, r) = match q {
+                Queued::Normal(id, data) => (id, self.raw.propose(Vec::new(), data)),
+                Queued::ConfChange(id, cc) => (id, self.raw.propose_conf_change(Vec::new(), cc)),
+            };
+            if r.is_err() {
                 self.waiters.complete(id, Err(Error::NoLeader));
+            } else if self.raw.raft.state != StateRole::Leader {
+                self.forwarded.push((id, self.raw.raft.leader_id));
             }
         }
+        if self.forwarded.len() > FORWARDED_PRUNE_AT {
+            let waiters = &self.waiters;
+            self.forwarded.retain(|(id, _)| waiters.is_waiting(*id));
+        }
+    }
+
+    /// Proposals forwarded to a leader that is no longer the leader were most likely
+    /// lost with it: answer them now with etcd's "leader changed" instead of letting
+    /// the caller wait out the request timeout. (Like a timeout, this does not say the
+    /// write failed: the old leader may have replicated it before it went away.)
+    fn on_leader_change(&mut self, leader: u64) {
+        if self.forwarded.is_empty() {
+            return;
+        }
+        let waiters = &self.waiters;
+        self.forwarded.retain(|(id, to)| {
+            if *to != leader {
+                waiters.complete(*id, Err(Error::LeaderChanged));
+                false
+            } else {
+                waiters.is_waiting(*id)
+            }
+        });
     }
 
     fn issue_reads(&mut self) {
@@ -476,24 +837,38 @@ impl Driver {
         }
     }
 
+    fn send_messages(&mut self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        for id in self.transport.send(msgs) {
+            self.raw.report_unreachable(id);
+        }
+    }
+
     fn on_ready(&mut self) -> Result<()> {
         if !self.raw.has_ready() {
             return Ok(());
         }
         let mut ready = self.raw.ready();
         if let Some(ss) = ready.ss() {
-            self.status.leader.store(ss.leader_id, Ordering::Release);
-            if ss.raft_state == StateRole::Leader {
-                tracing::info!(term = self.raw.raft.term, "became leader");
+            let previous = self.status.leader.swap(ss.leader_id, Ordering::AcqRel);
+            if ss.leader_id != previous {
+                self.on_leader_change(ss.leader_id);
+            }
+            if ss.leader_id != previous && ss.leader_id != ::raft::INVALID_ID {
+                self.status.leader_changes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    leader = %format!("{:x}", ss.leader_id),
+                    term = self.raw.raft.term,
+                    "leader elected"
+                );
             }
         }
-        // Single-member clusters have no peers to send to; the peer transport arrives
-        // with multi-member clusters.
-        let _ = ready.take_messages();
+        self.send_messages(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            return Err(Error::Raft(
-                "installing a state-machine snapshot needs multi-member support".into(),
-            ));
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(snap)?;
         }
         self.handle_committed(ready.take_committed_entries())?;
         if !ready.entries().is_empty() {
@@ -505,14 +880,16 @@ impl Driver {
         }
         // Group commit: one fsync covers every entry and the hard state of this Ready.
         self.raw.mut_store().sync()?;
-        let _ = ready.take_persisted_messages();
+        let persisted = ready.take_persisted_messages();
+        self.send_messages(persisted);
         let reads = ready.take_read_states();
         self.on_read_states(reads);
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
-        let _ = light.take_messages();
+        let msgs = light.take_messages();
+        self.send_messages(msgs);
         self.handle_committed(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.status
@@ -521,6 +898,53 @@ impl Driver {
         self.status
             .last_index
             .store(self.raw.store().last_index(), Ordering::Release);
+        self.status.is_learner.store(
+            self.raw
+                .raft
+                .prs()
+                .conf()
+                .learners()
+                .contains(&self.raw.raft.id),
+            Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader: the apply thread replaces the
+    /// state machine (after every entry handed to it before), then the log restarts
+    /// after the snapshot. The state machine goes first: a crash in between is
+    /// repaired at start-up from the metadata the state machine stored.
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
+        let meta = snap.get_metadata().clone();
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installing snapshot from leader"
+        );
+        let path = self.raw.store().snapshot_path_for(&snap);
+        let (done_tx, done_rx) = mpsc::channel();
+        self.apply_tx
+            .send(ApplyTask::Snapshot {
+                path: path.clone(),
+                meta: meta.clone(),
+                done: done_tx,
+            })
+            .map_err(|_| Error::Stopped)?;
+        done_rx.recv().map_err(|_| Error::Stopped)??;
+        self.raw.mut_store().apply_snapshot(meta)?;
+        self.raw.mut_store().sync()?;
+        self.status
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
+        // Older received files are no longer needed.
+        if let Some(dir) = path.parent() {
+            for e in std::fs::read_dir(dir)?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("in-") && e.path() != path {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -530,34 +954,47 @@ impl Driver {
         if entries.is_empty() {
             return Ok(());
         }
+        let mut rejected = HashSet::new();
         for e in &entries {
             let cs = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .map_err(|err| Error::Corrupt(format!("conf change {}: {err}", e.index)))?;
-                    Some(self.raw.apply_conf_change(&cc)?)
+                    self.raw.apply_conf_change(&cc)
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .map_err(|err| Error::Corrupt(format!("conf change {}: {err}", e.index)))?;
-                    Some(self.raw.apply_conf_change(&cc)?)
+                    self.raw.apply_conf_change(&cc)
                 }
-                EntryType::EntryNormal => None,
+                EntryType::EntryNormal => continue,
             };
-            if let Some(cs) = cs {
-                self.raw.mut_store().set_conf_state(cs);
+            match cs {
+                Ok(cs) => self.raw.mut_store().set_conf_state(e.index, cs),
+                Err(err) => {
+                    // Deterministic: every member refuses the same change.
+                    tracing::warn!(index = e.index, error = %err, "conf change refused");
+                    rejected.insert(e.index);
+                }
             }
         }
-        self.apply_tx.send(entries).map_err(|_| Error::Stopped)
+        self.status
+            .proposals_committed
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        self.apply_tx
+            .send(ApplyTask::Entries { entries, rejected })
+            .map_err(|_| Error::Stopped)
     }
 }
 
 struct Applier {
+    id: u64,
     mvcc: Arc<MvccStore>,
-    rx: Receiver<Vec<Entry>>,
+    rx: Receiver<ApplyTask>,
     tx: Sender<Command>,
     waiters: Arc<Waiters>,
-    on_applied: OnApplied,
+    observer: Arc<dyn StateObserver>,
+    status: Arc<RaftStatus>,
     applied_tx: watch::Sender<u64>,
     snapshot_count: u64,
     last_durable: u64,
@@ -565,41 +1002,122 @@ struct Applier {
 
 impl Applier {
     fn run(&mut self) -> Result<()> {
-        while let Ok(entries) = self.rx.recv() {
-            let mut last = None;
-            for e in entries {
-                self.apply_one(&e)?;
-                last = Some(e.index);
-            }
-            if let Some(index) = last {
-                self.applied_tx.send_replace(index);
-                if index - self.last_durable >= self.snapshot_count {
-                    // Durable state machine first, then the log may forget the entries.
-                    self.mvcc.sync()?;
-                    self.last_durable = index;
-                    let _ = self.tx.send(Command::StateDurable(index));
+        while let Ok(task) = self.rx.recv() {
+            match task {
+                ApplyTask::Entries { entries, rejected } => {
+                    let mut last = None;
+                    for e in entries {
+                        self.apply_one(&e, rejected.contains(&e.index))?;
+                        last = Some(e.index);
+                    }
+                    if let Some(index) = last {
+                        self.applied(index)?;
+                    }
+                }
+                ApplyTask::Snapshot { path, meta, done } => {
+                    let r = self.install(&path, &meta);
+                    let failed = r.as_ref().err().map(|e| Error::Corrupt(e.to_string()));
+                    let _ = done.send(r);
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    fn apply_one(&self, e: &Entry) -> Result<()> {
+    fn install(&mut self, path: &Path, meta: &SnapshotMetadata) -> Result<()> {
+        let raw = meta
+            .write_to_bytes()
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        self.mvcc.install_snapshot(path, &raw)?;
+        self.last_durable = meta.index;
+        self.status.applied.store(meta.index, Ordering::Release);
+        self.applied_tx.send_replace(meta.index);
+        self.observer.on_snapshot_installed();
+        self.observer.on_members(&self.mvcc.members()?);
+        Ok(())
+    }
+
+    fn applied(&mut self, index: u64) -> Result<()> {
+        self.status.applied.store(index, Ordering::Release);
+        self.applied_tx.send_replace(index);
+        if index - self.last_durable >= self.snapshot_count {
+            // Durable state machine first, then the log may forget the entries.
+            self.mvcc.sync()?;
+            self.last_durable = index;
+            let _ = self.tx.send(Command::StateDurable(index));
+        }
+        Ok(())
+    }
+
+    fn apply_one(&self, e: &Entry, rejected: bool) -> Result<()> {
         if e.index <= self.mvcc.applied_index() {
             return Ok(()); // Already applied before a restart.
         }
-        if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-            self.mvcc.apply_noop(e.index);
-            return Ok(());
+        self.status
+            .proposals_applied
+            .fetch_add(1, Ordering::Relaxed);
+        match e.get_entry_type() {
+            EntryType::EntryConfChange => return self.apply_conf_change(e, rejected),
+            EntryType::EntryConfChangeV2 => {
+                self.mvcc.apply_noop(e.index);
+                return Ok(());
+            }
+            EntryType::EntryNormal if e.data.is_empty() => {
+                self.mvcc.apply_noop(e.index);
+                return Ok(());
+            }
+            EntryType::EntryNormal => {}
         }
         let req = InternalRequest::decode(&e.data[..])
             .map_err(|err| Error::Corrupt(format!("entry {}: {err}", e.index)))?;
         let applied = self.mvcc.apply(e.index, &req)?;
         // Watchers first: a client that sees the response may start watching at once.
         if !applied.changes.is_empty() {
-            (self.on_applied)(applied.changes);
+            self.observer.on_changes(applied.changes);
+        }
+        if let Ok(ApplyResponse::Members(m)) = &applied.response {
+            self.observer.on_members(m);
         }
         self.waiters.complete(req.id, applied.response);
+        Ok(())
+    }
+
+    fn apply_conf_change(&self, e: &Entry, rejected: bool) -> Result<()> {
+        let cc = ConfChange::parse_from_bytes(&e.data)
+            .map_err(|err| Error::Corrupt(format!("conf change {}: {err}", e.index)))?;
+        if rejected {
+            self.mvcc.apply_noop(e.index);
+            self.waiters.complete(
+                cc.id,
+                Err(Error::Raft("membership change refused by raft".into())),
+            );
+            return Ok(());
+        }
+        let change = match cc.get_change_type() {
+            ConfChangeType::AddNode => match self.mvcc.member(cc.node_id)? {
+                Some(m) if m.is_learner => MemberChange::Promote(cc.node_id),
+                _ => MemberChange::Add(Member {
+                    is_learner: false,
+                    ..decode_member(&cc.context)?
+                }),
+            },
+            ConfChangeType::AddLearnerNode => MemberChange::Add(Member {
+                is_learner: true,
+                ..decode_member(&cc.context)?
+            }),
+            ConfChangeType::RemoveNode => MemberChange::Remove(cc.node_id),
+        };
+        let members = self.mvcc.apply_member_change(e.index, &change)?;
+        tracing::info!(index = e.index, ?change, "membership changed");
+        self.observer.on_members(&members);
+        self.waiters
+            .complete(cc.id, Ok(ApplyResponse::Members(members)));
+        if change == MemberChange::Remove(self.id) {
+            self.observer.on_removed();
+        }
         Ok(())
     }
 }

@@ -5,8 +5,15 @@
 //! driver calls [`WalStorage::sync`] once per Ready before acknowledging anything.
 //! The log starts after `snapshot` (index, term, membership): entry `i` lives at
 //! `entries[i - snapshot.index - 1]`.
+//!
+//! Outgoing raft snapshots are produced asynchronously: when raft-rs asks for one and
+//! none recent enough is ready, [`WalStorage::snapshot`] asks for a state-machine
+//! snapshot file to be written (on another thread) and answers
+//! `SnapshotTemporarilyUnavailable`; raft-rs asks again later and gets the file's
+//! metadata, with the file's path as the snapshot data (the transport streams it).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ::raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use ::raft::{GetEntriesContext, RaftState, StorageError};
@@ -14,28 +21,77 @@ use ::raft::{GetEntriesContext, RaftState, StorageError};
 use super::wal::{Wal, WalState};
 use crate::error::Result;
 
+/// Asks for a state-machine snapshot file to be written; returns at once.
+pub type RequestSnapshot = Arc<dyn Fn() + Send + Sync>;
+
 pub struct WalStorage {
     wal: Wal,
     snapshot: SnapshotMetadata,
     hard_state: HardState,
     conf_state: ConfState,
+    /// Membership after each conf change applied since `snapshot`, by entry index, so
+    /// a log truncation records the membership as of the truncation point.
+    conf_history: Vec<(u64, ConfState)>,
     entries: Vec<Entry>,
+    /// The newest state-machine snapshot ready to send (data = its file path).
+    outgoing: Option<Snapshot>,
+    request_snapshot: Option<RequestSnapshot>,
 }
 
 impl WalStorage {
     /// Creates the log of a new member whose initial membership is `conf_state`.
-    pub fn bootstrap(dir: &Path, conf_state: ConfState) -> Result<Self> {
+    ///
+    /// As etcd does, a new cluster's log starts with one committed conf change per
+    /// initial member (term 1), carrying the member in its context, so every member
+    /// (including ones that join later and replay the log) learns the membership from
+    /// the log itself. `conf_state` is that same membership, effective at once.
+    pub fn bootstrap(dir: &Path, conf_state: ConfState, initial: Vec<Entry>) -> Result<Self> {
         let mut snapshot = SnapshotMetadata::default();
         snapshot.set_conf_state(conf_state.clone());
         let hard_state = HardState::default();
         let wal = Wal::create(dir, &snapshot, &hard_state)?;
-        Ok(WalStorage {
+        let mut s = WalStorage {
             wal,
             snapshot,
             hard_state,
             conf_state,
+            conf_history: Vec::new(),
             entries: Vec::new(),
-        })
+            outgoing: None,
+            request_snapshot: None,
+        };
+        if !initial.is_empty() {
+            let n = initial.len() as u64;
+            s.append(&initial)?;
+            s.set_hard_state(HardState {
+                term: 1,
+                commit: n,
+                ..Default::default()
+            })?;
+            s.sync()?;
+        }
+        Ok(s)
+    }
+
+    pub fn set_request_snapshot(&mut self, f: RequestSnapshot) {
+        self.request_snapshot = Some(f);
+    }
+
+    /// Offers a written state-machine snapshot for sending; returns the file path of
+    /// the snapshot it replaces, if any.
+    pub fn set_outgoing(&mut self, snap: Snapshot) -> Option<Vec<u8>> {
+        self.outgoing.replace(snap).map(|old| old.data.to_vec())
+    }
+
+    /// The local file holding a received snapshot (named by its index, see
+    /// `RaftNode::incoming_snapshot_path`; set by the peer service).
+    pub fn snapshot_path_for(&self, snap: &Snapshot) -> std::path::PathBuf {
+        std::path::PathBuf::from(String::from_utf8_lossy(snap.get_data()).into_owned())
+    }
+
+    /// Index of the snapshot the log starts after.
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.index
     }
 
     /// Opens an existing log. Membership is the snapshot's, updated by the conf
@@ -54,7 +110,10 @@ impl WalStorage {
             conf_state: snapshot.get_conf_state().clone(),
             snapshot,
             hard_state,
+            conf_history: Vec::new(),
             entries,
+            outgoing: None,
+            request_snapshot: None,
         })
     }
 
@@ -70,8 +129,25 @@ impl WalStorage {
         &self.hard_state
     }
 
-    pub fn set_conf_state(&mut self, cs: ConfState) {
+    /// Records the membership after the conf change of entry `index`.
+    pub fn set_conf_state(&mut self, index: u64, cs: ConfState) {
+        self.conf_history.push((index, cs.clone()));
         self.conf_state = cs;
+    }
+
+    /// Replaces the whole log with a state-machine snapshot's position: the log now
+    /// starts after `meta.index`, with `meta`'s membership.
+    pub fn apply_snapshot(&mut self, meta: SnapshotMetadata) -> Result<()> {
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        self.wal.rewrite(&meta, &hs, &[])?;
+        self.entries.clear();
+        self.conf_state = meta.get_conf_state().clone();
+        self.conf_history.clear();
+        self.hard_state = hs;
+        self.snapshot = meta;
+        Ok(())
     }
 
     /// Appends entries, replacing any at or after the first one's index.
@@ -127,7 +203,14 @@ impl WalStorage {
             term,
             ..Default::default()
         };
-        snap.set_conf_state(self.conf_state.clone());
+        // Membership as of `index`: the last conf change at or before it.
+        let kept = self.conf_history.partition_point(|(i, _)| *i <= index);
+        let cs = match kept {
+            0 => self.snapshot.get_conf_state().clone(),
+            n => self.conf_history[n - 1].1.clone(),
+        };
+        self.conf_history.drain(..kept);
+        snap.set_conf_state(cs);
         self.wal.rewrite(&snap, &self.hard_state, &self.entries)?;
         self.snapshot = snap;
         Ok(())
@@ -183,9 +266,17 @@ impl ::raft::Storage for WalStorage {
         Ok(WalStorage::last_index(self))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> ::raft::Result<Snapshot> {
-        // Sending state-machine snapshots to lagging followers comes with multi-member
-        // clusters; a single member never needs one.
+    fn snapshot(&self, request_index: u64, _to: u64) -> ::raft::Result<Snapshot> {
+        if let Some(s) = &self.outgoing {
+            let index = s.get_metadata().index;
+            // Usable if the follower can continue from our log right after it.
+            if index >= request_index && index >= self.snapshot.index {
+                return Ok(s.clone());
+            }
+        }
+        if let Some(request) = &self.request_snapshot {
+            request();
+        }
         Err(::raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

@@ -190,8 +190,10 @@ impl Wal {
         if !self.dirty {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.out.flush()?;
         self.out.get_ref().sync_data()?;
+        crate::metrics::METRICS.wal_fsync.observe(started.elapsed());
         self.dirty = false;
         Ok(())
     }

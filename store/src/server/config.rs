@@ -9,6 +9,9 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 
+/// etcd's default backend quota: 2 GiB.
+pub const DEFAULT_QUOTA_BYTES: i64 = 2 << 30;
+
 /// etcd's flags for a member. Every flag can also come from the environment variable
 /// etcd reads for it (`--data-dir` from `ETCD_DATA_DIR`, ...).
 #[derive(Args, Clone, Debug)]
@@ -76,6 +79,15 @@ pub struct StoreArgs {
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     pub max_request_bytes: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to low space
+    /// quota; a negative value disables the quota).
+    #[arg(
+        long,
+        env = "ETCD_QUOTA_BACKEND_BYTES",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub quota_backend_bytes: i64,
     /// Maximum number of operations permitted in a transaction.
     #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: u64,
@@ -93,6 +105,13 @@ pub struct StoreArgs {
         default_value = "10m"
     )]
     pub experimental_watch_progress_notify_interval: String,
+    /// Duration of time between cluster corruption check passes (0 disables).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME",
+        default_value = "0s"
+    )]
+    pub experimental_corrupt_check_time: String,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -115,6 +134,7 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
     pub listen_client: Vec<SocketAddr>,
+    pub listen_peer: Vec<SocketAddr>,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     /// `(name, peer URLs)` of the bootstrap members.
@@ -126,8 +146,12 @@ pub struct StoreConfig {
     pub election_ticks: usize,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    /// Backend size that raises the NOSPACE alarm; `None` when disabled.
+    pub quota_backend_bytes: Option<i64>,
     pub auto_compaction: AutoCompaction,
     pub watch_progress_notify_interval: Duration,
+    /// `--experimental-corrupt-check-time`; `None` when disabled.
+    pub corrupt_check_every: Option<Duration>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -317,24 +341,16 @@ impl StoreArgs {
                 peer_urls.join(",")
             )));
         }
-        if initial_cluster.len() > 1 {
-            return Err(Error::Config(format!(
-                "--initial-cluster names {} members; this version of Pontoon runs single-member \
-                 clusters only (multi-member clusters are not supported yet)",
-                initial_cluster.len()
-            )));
-        }
-        if !state_new && !crate::raft::wal::Wal::exists(&wal_dir) {
-            return Err(Error::Config(
-                "--initial-cluster-state=existing (joining a running cluster) is not supported yet"
-                    .into(),
-            ));
+        let mut listen_peer = Vec::new();
+        for url in split_urls(&self.listen_peer_urls) {
+            listen_peer.extend(listen_addrs(&url)?);
         }
         Ok(StoreConfig {
             name: self.name.clone(),
             data_dir,
             wal_dir,
             listen_client,
+            listen_peer,
             advertise_client_urls: split_urls(&self.advertise_client_urls),
             initial_advertise_peer_urls: peer_urls,
             initial_cluster,
@@ -345,10 +361,22 @@ impl StoreArgs {
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             max_request_bytes: self.max_request_bytes as usize,
             max_txn_ops: self.max_txn_ops as usize,
+            quota_backend_bytes: match self.quota_backend_bytes {
+                q if q < 0 => None,
+                0 => Some(DEFAULT_QUOTA_BYTES),
+                q => Some(q),
+            },
             auto_compaction: parse_auto_compaction(
                 &self.auto_compaction_mode,
                 &self.auto_compaction_retention,
             )?,
+            corrupt_check_every: match self.experimental_corrupt_check_time.as_str() {
+                "0" => None,
+                s => Some(parse_go_duration(s).ok_or_else(|| {
+                    Error::Config(format!("invalid --experimental-corrupt-check-time {s:?}"))
+                })?)
+                .filter(|d| !d.is_zero()),
+            },
             watch_progress_notify_interval: parse_go_duration(
                 &self.experimental_watch_progress_notify_interval,
             )

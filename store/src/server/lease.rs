@@ -124,11 +124,10 @@ impl Lease for LeaseService {
         let lessor = self.lessor.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                let ttl = match server.mvcc.lease_get(req.id) {
-                    Ok(Some(rec)) => lessor.refresh(&rec),
-                    Ok(None) => 0,
+                let ttl = match renew(&server, &lessor, req.id).await {
+                    Ok(ttl) => ttl,
                     Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
@@ -166,10 +165,11 @@ impl Lease for LeaseService {
         } else {
             Vec::new()
         };
+        let ttl = remaining(&self.server, &self.lessor, &rec).await?;
         Ok(Response::new(LeaseTimeToLiveResponse {
             header,
             id: req.id,
-            ttl: self.lessor.remaining(&rec),
+            ttl,
             granted_ttl: rec.ttl,
             keys,
         }))
@@ -195,14 +195,53 @@ impl Lease for LeaseService {
     }
 }
 
+/// Renews a lease on the leader's lessor (forwarding when this member follows), as
+/// etcd's followers forward keep-alives. Returns the TTL, 0 if there is no such lease.
+pub async fn renew(server: &EtcdServer, lessor: &Lessor, id: i64) -> Result<i64, Status> {
+    if server.raft.status().is_leader() {
+        return match server.mvcc.lease_get(id).map_err(to_status)? {
+            Some(rec) => Ok(lessor.refresh(&rec)),
+            None => Ok(0),
+        };
+    }
+    let mut leader = server.leader_peer().await?;
+    let r = leader
+        .lease_renew(pontoon_proto::peer::LeaseRenewRequest { id })
+        .await?;
+    Ok(r.into_inner().ttl)
+}
+
+/// Seconds `rec` has left, as the leader's lessor counts them.
+pub async fn remaining(
+    server: &EtcdServer,
+    lessor: &Lessor,
+    rec: &LeaseRecord,
+) -> Result<i64, Status> {
+    if server.raft.status().is_leader() {
+        return Ok(lessor.remaining(rec));
+    }
+    let mut leader = server.leader_peer().await?;
+    let r = leader
+        .lease_remaining(pontoon_proto::peer::LeaseRemainingRequest { id: rec.id })
+        .await?;
+    Ok(r.into_inner().ttl)
+}
+
 /// Revokes expired leases and checkpoints remaining TTLs, until dropped.
 pub async fn run_expiry(server: Arc<EtcdServer>, lessor: Arc<Lessor>) {
     let mut tick = tokio::time::interval(EXPIRY_TICK);
     let mut last_checkpoint = tokio::time::Instant::now();
+    let mut leading = false;
     loop {
         tick.tick().await;
         if server.raft.status().leader() != server.member_id {
+            leading = false;
             continue;
+        }
+        if !leading {
+            // Deadlines seen while following may be stale: restart from checkpoints.
+            lessor.clear();
+            leading = true;
         }
         let leases = match server.mvcc.lease_list() {
             Ok(l) => l,

@@ -4,39 +4,62 @@
 //! [`EtcdServer`] ties the MVCC store to the raft node and fills etcd's response
 //! header (cluster_id, member_id, revision, raft_term) on every answer.
 
+pub mod cluster;
 pub mod compactor;
 pub mod config;
+pub mod corrupt;
+pub mod h2_authority;
+pub mod http;
 pub mod identity;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod maintenance;
+pub mod peer;
 pub mod status;
 pub mod validate;
 pub mod watch;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use pontoon_proto::etcdserverpb::alarm_request::AlarmAction;
+use pontoon_proto::etcdserverpb::cluster_server::ClusterServer;
 use pontoon_proto::etcdserverpb::kv_server::KvServer;
 use pontoon_proto::etcdserverpb::lease_server::LeaseServer;
+use pontoon_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use pontoon_proto::etcdserverpb::watch_server::WatchServer;
 use pontoon_proto::etcdserverpb::ResponseHeader;
+use pontoon_proto::etcdserverpb::{AlarmRequest, AlarmType, Member};
 use pontoon_proto::internal::internal_request::Request as InternalOp;
+use pontoon_proto::peer::raft_peer_client::RaftPeerClient;
+use pontoon_proto::peer::raft_peer_server::RaftPeerServer;
+use pontoon_proto::peer::MembersRequest;
 use pontoon_proto::v3electionpb::election_server::ElectionServer;
 use pontoon_proto::v3lockpb::lock_server::LockServer;
 
 use crate::error::{Error, Result};
+use crate::mvcc::Change;
 use crate::mvcc::{ApplyResponse, MvccStore};
-use crate::raft::{RaftConfig, RaftNode};
+use crate::raft::{Bootstrap, PeerTransport, RaftConfig, RaftNode, StateObserver};
 use crate::watch::WatchHub;
 pub use config::{StoreArgs, StoreConfig};
 use status::to_status;
 
 /// gRPC allows this much framing on top of `--max-request-bytes`, as etcd's does.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// The etcd version Pontoon reports (Maintenance.Status, /version). Kubernetes turns
+/// on its watch-progress features only for etcd >= 3.5.13.
+pub const SERVER_VERSION: &str = "3.5.17";
+/// The cluster version reported by /version.
+pub const CLUSTER_VERSION: &str = "3.5.0";
 
 const META_MEMBER_ID: &str = "member_id";
 const META_CLUSTER_ID: &str = "cluster_id";
@@ -53,7 +76,26 @@ pub struct EtcdServer {
     pub min_lease_ttl: i64,
     /// Wakes up whenever a revision is published (the watch hub).
     pub published: Arc<WatchHub>,
+    /// Where snapshot files are written (raft snapshots, Maintenance.Snapshot).
+    pub snap_dir: PathBuf,
+    /// How long a request may wait for raft (etcd's request timeout).
+    pub request_timeout: Duration,
+    /// `--quota-backend-bytes`; `None` when disabled.
+    pub quota_bytes: Option<i64>,
+    /// Backend size, cached for the quota check: (bytes, when measured in ms).
+    size_cache: (AtomicI64, AtomicU64),
+    /// Lease deadlines (meaningful on the leader).
+    pub lessor: Arc<crate::lease::Lessor>,
+    /// Connections to peers' `RaftPeer` service, for requests only the leader answers.
+    peer_clients: tokio::sync::Mutex<
+        std::collections::HashMap<u64, RaftPeerClient<tonic::transport::Channel>>,
+    >,
 }
+
+/// Bytes a write is charged on top of its size for the quota (etcd's kv overhead).
+const QUOTA_OVERHEAD_BYTES: i64 = 256;
+/// How long a measured backend size is reused by the quota check.
+const SIZE_CACHE_MS: u64 = 500;
 
 impl EtcdServer {
     pub fn header(&self, revision: i64) -> ResponseHeader {
@@ -75,10 +117,95 @@ impl EtcdServer {
 
     /// Checks the size of a write and proposes it.
     pub async fn propose(&self, op: InternalOp) -> Result<ApplyResponse, Status> {
-        if RaftNode::proposal_size(&op) > self.max_request_bytes {
+        let size = RaftNode::proposal_size(&op);
+        if size > self.max_request_bytes {
             return Err(to_status(Error::RequestTooLarge));
         }
+        if crate::mvcc::grows_store(Some(&op)) {
+            self.check_quota(size as i64)?;
+        }
         self.raft.propose(op).await.map_err(to_status)
+    }
+
+    /// The backend size, measured at most every [`SIZE_CACHE_MS`].
+    pub fn backend_size(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let (size, at) = &self.size_cache;
+        if now.saturating_sub(at.load(Ordering::Relaxed)) >= SIZE_CACHE_MS {
+            size.store(self.mvcc.db_size().0, Ordering::Relaxed);
+            at.store(now, Ordering::Relaxed);
+        }
+        size.load(Ordering::Relaxed)
+    }
+
+    /// A client to the current leader's peer service (for lease keep-alives and TTLs,
+    /// which the leader's lessor answers).
+    pub async fn leader_peer(&self) -> Result<RaftPeerClient<tonic::transport::Channel>, Status> {
+        let leader = self.raft.status().leader();
+        if leader == 0 {
+            return Err(to_status(Error::NoLeader));
+        }
+        let mut clients = self.peer_clients.lock().await;
+        if let Some(c) = clients.get(&leader) {
+            return Ok(c.clone());
+        }
+        let member = self
+            .mvcc
+            .member(leader)
+            .map_err(to_status)?
+            .ok_or_else(|| to_status(Error::NoLeader))?;
+        let mut last = to_status(Error::NoLeader);
+        for url in &member.peer_ur_ls {
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| Status::internal(e.to_string()))?
+                .connect_timeout(Duration::from_secs(1));
+            match endpoint.connect().await {
+                Ok(ch) => {
+                    let c = RaftPeerClient::new(ch);
+                    clients.insert(leader, c.clone());
+                    return Ok(c);
+                }
+                Err(e) => last = Status::unavailable(format!("leader unreachable: {e}")),
+            }
+        }
+        Err(last)
+    }
+
+    /// Forgets the cached backend size (after a defragmentation shrank it).
+    pub fn invalidate_backend_size(&self) {
+        self.size_cache.1.store(0, Ordering::Relaxed);
+    }
+
+    /// etcd's quota rule: a write that would take the backend past the quota is
+    /// refused and raises the cluster-wide NOSPACE alarm (through raft).
+    fn check_quota(&self, cost: i64) -> Result<(), Status> {
+        let Some(quota) = self.quota_bytes else {
+            return Ok(());
+        };
+        if self.mvcc.no_space() {
+            return Err(to_status(Error::NoSpace));
+        }
+        if self.backend_size() + cost + QUOTA_OVERHEAD_BYTES <= quota {
+            return Ok(());
+        }
+        let raft = self.raft.clone();
+        let member_id = self.member_id;
+        tokio::spawn(async move {
+            let alarm = InternalOp::Alarm(AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id,
+                alarm: AlarmType::Nospace as i32,
+            });
+            if let Err(e) = raft.propose(alarm).await {
+                tracing::warn!(error = %e, "raising the NOSPACE alarm failed");
+            } else {
+                tracing::warn!("backend quota exceeded: NOSPACE alarm raised");
+            }
+        });
+        Err(to_status(Error::NoSpace))
     }
 
     /// Proposes a write whose answer is the response `pick` extracts (handing back
@@ -116,10 +243,9 @@ has_header!(
     pontoon_proto::etcdserverpb::TxnResponse,
     pontoon_proto::etcdserverpb::CompactionResponse,
     pontoon_proto::etcdserverpb::LeaseGrantResponse,
-    pontoon_proto::etcdserverpb::LeaseRevokeResponse
+    pontoon_proto::etcdserverpb::LeaseRevokeResponse,
+    pontoon_proto::etcdserverpb::AlarmResponse
 );
-
-impl EtcdServer {}
 
 fn read_id(mvcc: &MvccStore, key: &str) -> Result<Option<u64>> {
     match mvcc.meta_get(key)? {
@@ -129,34 +255,163 @@ fn read_id(mvcc: &MvccStore, key: &str) -> Result<Option<u64>> {
     }
 }
 
+fn same_urls(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// `--initial-cluster-state existing`: asks the running members (the other entries of
+/// `--initial-cluster`) for the cluster, and finds this member in it by its peer URLs,
+/// as etcd does. The member must have been added (`etcdctl member add`) first.
+async fn discover(cfg: &StoreConfig) -> Result<(u64, u64, Vec<Member>)> {
+    let peers: Vec<&String> = cfg
+        .initial_cluster
+        .iter()
+        .filter(|(name, _)| *name != cfg.name)
+        .flat_map(|(_, urls)| urls)
+        .collect();
+    let mut last = String::from("no other member in --initial-cluster");
+    for attempt in 0..20 {
+        for url in &peers {
+            let Ok(mut c) = RaftPeerClient::connect(url.to_string()).await else {
+                last = format!("cannot reach {url}");
+                continue;
+            };
+            match c.members(MembersRequest {}).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return match r
+                        .members
+                        .iter()
+                        .find(|m| same_urls(&m.peer_ur_ls, &cfg.initial_advertise_peer_urls))
+                    {
+                        Some(m) => Ok((m.id, r.cluster_id, r.members.clone())),
+                        None => Err(Error::Config(format!(
+                            "member with peer URLs {} has not been added to the cluster \
+                             (run `etcdctl member add {} --peer-urls={}` first)",
+                            cfg.initial_advertise_peer_urls.join(","),
+                            cfg.name,
+                            cfg.initial_advertise_peer_urls.join(",")
+                        ))),
+                    };
+                }
+                Err(s) => last = format!("{url}: {}", s.message()),
+            }
+        }
+        if attempt < 19 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    Err(Error::Config(format!(
+        "cannot fetch the cluster from its members: {last}"
+    )))
+}
+
+/// Connects the apply loop to the watch hub, the peer transport and shutdown.
+struct Observer {
+    hub: Arc<WatchHub>,
+    mvcc: Arc<MvccStore>,
+    transport: Arc<PeerTransport>,
+    fatal: mpsc::UnboundedSender<Error>,
+}
+
+impl StateObserver for Observer {
+    fn on_changes(&self, changes: Vec<Change>) {
+        self.hub.publish(changes);
+    }
+    fn on_members(&self, members: &[Member]) {
+        let peers: Vec<(u64, Vec<String>)> = members
+            .iter()
+            .map(|m| (m.id, m.peer_ur_ls.clone()))
+            .collect();
+        self.transport.set_peers(&peers);
+    }
+    fn on_snapshot_installed(&self) {
+        self.hub.reset(self.mvcc.current_revision());
+    }
+    fn on_removed(&self) {
+        tracing::warn!("this member has been removed from the cluster; stopping");
+        let _ = self.fatal.send(Error::MemberRemoved);
+    }
+}
+
+/// Publishes this member's name and client URLs through raft until the member list
+/// shows them (etcd's "published local member to cluster").
+async fn publish_attributes(server: Arc<EtcdServer>, name: String, client_urls: Vec<String>) {
+    loop {
+        if let Ok(Some(m)) = server.mvcc.member(server.member_id) {
+            if m.name == name && m.client_ur_ls == client_urls {
+                return;
+            }
+            let op = InternalOp::MemberAttributes(Member {
+                id: server.member_id,
+                name: name.clone(),
+                client_ur_ls: client_urls.clone(),
+                ..Default::default()
+            });
+            if server.raft.propose(op).await.is_ok() {
+                tracing::info!(%name, "published local member to cluster");
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Runs a member until `shutdown` resolves (then stops cleanly) or a fatal error
 /// stops it.
 pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let kv_dir = cfg.data_dir.join("member").join("kv");
+    let member_dir = cfg.data_dir.join("member");
+    let kv_dir = member_dir.join("kv");
+    let snap_dir = member_dir.join("snap");
     std::fs::create_dir_all(&kv_dir)?;
+    std::fs::create_dir_all(&snap_dir)?;
     let mvcc = Arc::new(MvccStore::open(&kv_dir)?);
 
     // Identity: fixed at bootstrap, as etcd's; later flags cannot change it.
-    let (member_id, cluster_id) = match (
+    let wal_exists = crate::raft::wal::Wal::exists(&cfg.wal_dir);
+    let stored = (
         read_id(&mvcc, META_MEMBER_ID)?,
         read_id(&mvcc, META_CLUSTER_ID)?,
-    ) {
-        (Some(m), Some(c)) => (m, c),
-        _ => {
-            let ids: Vec<u64> = cfg
+    );
+    // Members to talk to before the log has told us the membership.
+    let mut known: Vec<Member> = Vec::new();
+    let (member_id, cluster_id, bootstrap) = match stored {
+        (Some(m), Some(c)) if wal_exists => (m, c, Bootstrap::Join),
+        _ if cfg.initial_cluster_state_new => {
+            let members: Vec<Member> = cfg
                 .initial_cluster
                 .iter()
-                .map(|(_, urls)| identity::member_id(urls, &cfg.initial_cluster_token))
+                .map(|(name, urls)| Member {
+                    id: identity::member_id(urls, &cfg.initial_cluster_token),
+                    name: name.clone(),
+                    peer_ur_ls: urls.clone(),
+                    client_ur_ls: Vec::new(),
+                    is_learner: false,
+                })
                 .collect();
+            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
             let member =
                 identity::member_id(&cfg.initial_advertise_peer_urls, &cfg.initial_cluster_token);
-            let cluster = identity::cluster_id(&ids);
-            mvcc.meta_put_sync(META_MEMBER_ID, &member.to_be_bytes())?;
-            mvcc.meta_put_sync(META_CLUSTER_ID, &cluster.to_be_bytes())?;
-            (member, cluster)
+            known = members.clone();
+            (member, identity::cluster_id(&ids), Bootstrap::New(members))
+        }
+        _ => {
+            let (m, c, members) = discover(&cfg).await?;
+            known = members;
+            (m, c, Bootstrap::Join)
         }
     };
+    if stored.0.is_none() {
+        mvcc.meta_put_sync(META_MEMBER_ID, &member_id.to_be_bytes())?;
+        mvcc.meta_put_sync(META_CLUSTER_ID, &cluster_id.to_be_bytes())?;
+    }
+    if mvcc.is_removed(member_id)? {
+        return Err(Error::MemberRemoved);
+    }
     tracing::info!(
         name = %cfg.name,
         member_id = %format!("{member_id:x}"),
@@ -166,25 +421,44 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
     );
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<Error>();
-    let on_fatal = Arc::new(move |e: Error| {
-        let _ = fatal_tx.send(e);
-    });
-    let hub = Arc::new(WatchHub::new(mvcc.current_revision()));
-    let publish = {
-        let hub = hub.clone();
-        Arc::new(move |changes| hub.publish(changes))
+    let on_fatal = {
+        let fatal_tx = fatal_tx.clone();
+        Arc::new(move |e: Error| {
+            let _ = fatal_tx.send(e);
+        })
     };
+    let hub = Arc::new(WatchHub::new(mvcc.current_revision()));
+    let transport = PeerTransport::new(member_id, cluster_id, tokio::runtime::Handle::current());
+    // Peers: the stored member list, or the bootstrap members until entries apply.
+    let mut peers: Vec<(u64, Vec<String>)> = mvcc
+        .members()?
+        .into_iter()
+        .map(|m| (m.id, m.peer_ur_ls))
+        .collect();
+    if peers.is_empty() {
+        peers = known.iter().map(|m| (m.id, m.peer_ur_ls.clone())).collect();
+    }
+    transport.set_peers(&peers);
+    let observer = Arc::new(Observer {
+        hub: hub.clone(),
+        mvcc: mvcc.clone(),
+        transport: transport.clone(),
+        fatal: fatal_tx,
+    });
+    let request_timeout = Duration::from_secs(5) + cfg.heartbeat * (2 * cfg.election_ticks as u32);
     let raft = RaftNode::start(
         RaftConfig {
             id: member_id,
-            initial_voters: vec![member_id],
+            bootstrap,
+            snap_dir: snap_dir.clone(),
             tick: cfg.heartbeat,
             election_ticks: cfg.election_ticks,
             snapshot_count: cfg.snapshot_count,
         },
         &cfg.wal_dir,
         mvcc.clone(),
-        publish,
+        observer,
+        Arc::new(transport.clone()),
         on_fatal,
     )?;
     let server = Arc::new(EtcdServer {
@@ -199,14 +473,46 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
             let ms = (3 * cfg.election_ticks as u128 / 2) * cfg.heartbeat.as_millis();
             ms.div_ceil(1000) as i64
         },
+        snap_dir,
+        request_timeout,
+        quota_bytes: cfg.quota_backend_bytes,
+        size_cache: (AtomicI64::new(0), AtomicU64::new(0)),
+        lessor: Arc::new(crate::lease::Lessor::default()),
+        peer_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
     });
-    let lessor = Arc::new(crate::lease::Lessor::default());
+    let lessor = server.lessor.clone();
     let expiry = tokio::spawn(lease::run_expiry(server.clone(), lessor.clone()));
-
     let compactor = tokio::spawn(compactor::run(cfg.auto_compaction, server.clone()));
+    let corrupt_check = cfg
+        .corrupt_check_every
+        .map(|every| tokio::spawn(corrupt::run(server.clone(), every)));
+    let publisher = tokio::spawn(publish_attributes(
+        server.clone(),
+        cfg.name.clone(),
+        cfg.advertise_client_urls.clone(),
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut listeners = Vec::new();
+    for addr in &cfg.listen_peer {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("listen on {addr}: {e}")))?;
+        tracing::info!(address = %addr, "serving peer traffic");
+        let svc = RaftPeerServer::new(peer::PeerService::new(server.clone()))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        listeners.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        ));
+    }
     for addr in &cfg.listen_client {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -226,16 +532,33 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
             .max_decoding_message_size(cfg.max_request_bytes + GRPC_OVERHEAD_BYTES);
         let lock = LockServer::new(lock::LockService::new(server.clone()));
         let election = ElectionServer::new(lock::ElectionService::new(server.clone()));
+        let cluster = ClusterServer::new(cluster::ClusterService::new(server.clone()));
+        let maintenance =
+            MaintenanceServer::new(maintenance::MaintenanceService::new(server.clone()))
+                .max_encoding_message_size(usize::MAX);
+        let grpc = tonic::service::Routes::new(kv)
+            .add_service(watch)
+            .add_service(lease)
+            .add_service(lock)
+            .add_service(election)
+            .add_service(cluster)
+            .add_service(maintenance);
+        let routes = http::routes(grpc.prepare().into_axum_router(), server.clone());
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.map(|s| {
+                    let _ = s.set_nodelay(true);
+                    h2_authority::AuthorityFix::new(s)
+                })
+            },
+        );
         listeners.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(kv)
-                .add_service(watch)
-                .add_service(lease)
-                .add_service(lock)
-                .add_service(election)
+                .accept_http1(true)
+                .add_routes(routes.into())
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
@@ -252,6 +575,10 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
     let _ = stop_tx.send(true);
     compactor.abort();
     expiry.abort();
+    publisher.abort();
+    if let Some(c) = corrupt_check {
+        c.abort();
+    }
     for l in listeners {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), l).await;
     }

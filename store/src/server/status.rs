@@ -14,12 +14,29 @@ pub fn to_status(e: Error) -> Status {
         | Error::TooManyOps
         | Error::DuplicateKey
         | Error::InvalidSortOption
-        | Error::RequestTooLarge => Code::InvalidArgument,
+        | Error::RequestTooLarge
+        | Error::MemberBadUrls => Code::InvalidArgument,
+        Error::NoSpace => Code::ResourceExhausted,
+        Error::CorruptCluster => Code::DataLoss,
+        Error::MemberNotFound => Code::NotFound,
+        Error::MemberExist
+        | Error::PeerUrlExist
+        | Error::NotEnoughStartedMembers
+        | Error::MemberNotLearner
+        | Error::LearnerNotReady
+        | Error::TooManyLearners
+        | Error::BadLeaderTransferee => Code::FailedPrecondition,
+        Error::NotLeader
+        | Error::LeaderTransferTimeout
+        | Error::UnhealthyCluster
+        | Error::MemberRemoved => Code::Unavailable,
         Error::Compacted | Error::FutureRev => Code::OutOfRange,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseExist => Code::FailedPrecondition,
         Error::LeaseTtlTooLarge => Code::OutOfRange,
-        Error::NoLeader | Error::Timeout | Error::Stopped => Code::Unavailable,
+        Error::NoLeader | Error::Timeout | Error::Stopped | Error::LeaderChanged => {
+            Code::Unavailable
+        }
         Error::Engine(_) | Error::Io(_) | Error::Corrupt(_) | Error::Raft(_) | Error::Config(_) => {
             Code::Internal
         }

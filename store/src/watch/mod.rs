@@ -81,6 +81,17 @@ impl WatchHub {
         self.published.send_replace(rev);
     }
 
+    /// Forgets the ring after a snapshot replaced the store, which is now at revision
+    /// `current`: watchers behind it catch up from the store's history.
+    pub fn reset(&self, current: i64) {
+        {
+            let mut ring = self.ring.lock().expect("watch ring lock");
+            ring.revs.clear();
+            ring.start = current + 1;
+        }
+        self.published.send_replace(current);
+    }
+
     /// The newest published revision.
     pub fn published(&self) -> i64 {
         *self.published.borrow()

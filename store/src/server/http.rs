@@ -1,0 +1,252 @@
+//! The HTTP face of the client port, next to gRPC as on etcd's: `/health`, `/livez`,
+//! `/readyz`, `/version` and `/metrics` (Prometheus text, etcd's metric names).
+//!
+//! `/health` answers as etcd 3.5 does: `{"health":"true","reason":""}` with 200 when
+//! this member knows a leader, has no active alarm and can serve a linearizable read;
+//! otherwise 503 with the reason (`RAFT NO LEADER`, `ALARM NOSPACE`, ...).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::{EtcdServer, CLUSTER_VERSION, SERVER_VERSION};
+use crate::metrics::METRICS;
+
+/// Adds the HTTP endpoints, and gRPC request counting, to the gRPC router.
+pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
+    let http = Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .with_state(server);
+    grpc.layer(axum::middleware::from_fn(count_grpc))
+        .merge(http)
+}
+
+async fn count_grpc(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return next.run(req).await;
+    }
+    METRICS.grpc_started(&path);
+    let resp = next.run(req).await;
+    // Errors come back trailers-only: the status is in the headers.
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or("OK", code_name);
+    METRICS.grpc_handled(&path, code);
+    resp
+}
+
+/// The code names grpc-go's Prometheus interceptor uses.
+fn code_name(c: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    NAMES.get(c as usize).copied().unwrap_or("Unknown")
+}
+
+/// Why this member is not healthy, if it is not.
+async fn unhealthy(s: &EtcdServer, linearizable: bool) -> Option<String> {
+    if s.raft.status().leader() == 0 {
+        return Some("RAFT NO LEADER".into());
+    }
+    if let Ok(alarms) = s.mvcc.alarms() {
+        if let Some(a) = alarms.first() {
+            let name = match a.alarm {
+                1 => "NOSPACE",
+                2 => "CORRUPT",
+                _ => "NONE",
+            };
+            return Some(format!("ALARM {name}"));
+        }
+    }
+    if linearizable {
+        if let Err(e) = s.raft.read_index().await {
+            return Some(format!("QGET ERROR: {e}"));
+        }
+    }
+    None
+}
+
+async fn health(State(s): State<Arc<EtcdServer>>) -> Response {
+    match unhealthy(&s, true).await {
+        None => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            r#"{"health":"true","reason":""}"#.to_string(),
+        )
+            .into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "application/json")],
+            format!(r#"{{"health":"false","reason":"{reason}"}}"#),
+        )
+            .into_response(),
+    }
+}
+
+async fn livez() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+async fn readyz(State(s): State<Arc<EtcdServer>>) -> Response {
+    match unhealthy(&s, false).await {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("[-]{reason}\nreadyz check failed\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn version() -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        format!(r#"{{"etcdserver":"{SERVER_VERSION}","etcdcluster":"{CLUSTER_VERSION}"}}"#),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<EtcdServer>>) -> Response {
+    let st = s.raft.status();
+    let (db, in_use) = s.mvcc.db_size();
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let gauges = [
+        (
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            "gauge",
+            (st.leader() != 0) as u8 as f64,
+        ),
+        (
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            "gauge",
+            st.is_leader() as u8 as f64,
+        ),
+        (
+            "etcd_server_is_learner",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            "gauge",
+            st.is_learner() as u8 as f64,
+        ),
+        (
+            "etcd_server_leader_changes_seen_total",
+            "The number of leader changes seen.",
+            "counter",
+            n(&st.leader_changes),
+        ),
+        (
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+            "gauge",
+            st.commit_index() as f64,
+        ),
+        (
+            "etcd_server_proposals_applied_total",
+            "The total number of consensus proposals applied.",
+            "gauge",
+            st.applied_index() as f64,
+        ),
+        (
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+            "gauge",
+            n(&st.proposals_pending),
+        ),
+        (
+            "etcd_server_proposals_failed_total",
+            "The total number of failed proposals seen.",
+            "counter",
+            n(&st.proposals_failed),
+        ),
+        (
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            "gauge",
+            db as f64,
+        ),
+        (
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Total size of the underlying database logically in use in bytes.",
+            "gauge",
+            in_use as f64,
+        ),
+        (
+            "etcd_debugging_mvcc_current_revision",
+            "The current revision of store.",
+            "gauge",
+            s.mvcc.current_revision() as f64,
+        ),
+        (
+            "etcd_debugging_mvcc_compact_revision",
+            "The revision of the last compaction in store.",
+            "gauge",
+            s.mvcc.compact_revision() as f64,
+        ),
+        (
+            "etcd_server_snapshot_apply_in_progress_total",
+            "1 if the server is applying the incoming snapshot. 0 if none.",
+            "gauge",
+            0.0,
+        ),
+        (
+            "etcd_network_snapshot_send_success",
+            "Total number of successful snapshot sends.",
+            "counter",
+            n(&st.snapshots_sent),
+        ),
+        (
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            "gauge",
+            1.0,
+        ),
+    ];
+    let mut body = METRICS.render(&gauges);
+    // etcd labels the member ID gauge; keep its shape.
+    body = body.replace(
+        "etcd_server_id 1\n",
+        &format!("etcd_server_id{{server_id=\"{:x}\"}} 1\n", s.member_id),
+    );
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
