@@ -697,3 +697,46 @@ async fn a_diverged_member_raises_the_corrupt_alarm() {
         "reads still work"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_without_a_leader_answers_with_etcds_errors() {
+    let mut cluster = Cluster::start(Target::Pontoon, 3, &[]);
+    cluster.members[0].kill9();
+    cluster.members[1].kill9();
+    let survivor = &cluster.members[2];
+    // Wait until it has noticed (check-quorum / election timeout).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = survivor.client().await;
+    while c.status().await.unwrap().leader() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the survivor still believes in a leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Clients that require a leader get "no leader" at once.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let mut strict = etcd_client::Client::connect([survivor.endpoint()], Some(opts))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let e = strict.put("k", "v", None).await.unwrap_err();
+    assert_eq!(
+        grpc_status(&e),
+        (tonic::Code::Unavailable, "etcdserver: no leader".into())
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Others wait for a leader, then time out with etcd's error.
+    let e = c.put("k", "v", None).await.unwrap_err();
+    assert_eq!(
+        grpc_status(&e),
+        (
+            tonic::Code::Unavailable,
+            "etcdserver: request timed out".into()
+        )
+    );
+    // Serializable reads are still served locally.
+    c.get("k", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+}

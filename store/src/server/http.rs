@@ -18,8 +18,13 @@ use axum::Router;
 use super::{EtcdServer, CLUSTER_VERSION, SERVER_VERSION};
 use crate::metrics::METRICS;
 
-/// Adds the HTTP endpoints, and gRPC request counting, to the gRPC router.
+/// Adds the HTTP endpoints, gRPC request counting and etcd's require-leader check to
+/// the gRPC router.
 pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
+    let leader_check = {
+        let server = server.clone();
+        move |req: Request, next: Next| require_leader(server.clone(), req, next)
+    };
     let http = Router::new()
         .route("/health", get(health))
         .route("/livez", get(livez))
@@ -27,8 +32,24 @@ pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .with_state(server);
-    grpc.layer(axum::middleware::from_fn(count_grpc))
+    grpc.layer(axum::middleware::from_fn(leader_check))
+        .layer(axum::middleware::from_fn(count_grpc))
         .merge(http)
+}
+
+/// etcd clients mark requests that must not wait for an election with the metadata
+/// `hasleader: true` (clientv3's `WithRequireLeader`; Kubernetes sets it on watches):
+/// a member that knows no leader answers them `etcdserver: no leader` at once.
+async fn require_leader(server: Arc<EtcdServer>, req: Request, next: Next) -> Response {
+    let required = req
+        .headers()
+        .get("hasleader")
+        .is_some_and(|v| v.as_bytes() == b"true");
+    if required && server.raft.status().leader() == 0 {
+        let status = super::status::to_status(crate::Error::NoLeader);
+        return status.into_http::<axum::body::Body>().into_response();
+    }
+    next.run(req).await
 }
 
 async fn count_grpc(req: Request, next: Next) -> Response {
