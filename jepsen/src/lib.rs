@@ -1,0 +1,459 @@
+//! Pontoon's fault-injection harness, in the spirit of Jepsen and etcd's robustness
+//! tests: start a cluster of real processes (Pontoon, or etcd with the same flags),
+//! run concurrent clients over the etcd gRPC API while a seeded nemesis injects
+//! faults, record every operation, heal, and check the history.
+//!
+//! - [`cluster`]: local processes, peer proxies, kill / pause / partition;
+//! - [`history`]: operations as clients saw them (ok / fail / indeterminate);
+//! - [`checker`]: linearizability of per-key registers (Wing-Gong-Lowe);
+//! - [`timeline`]: an SVG picture of a failing sub-history.
+//!
+//! Workloads implemented: `register` (reads, writes and compare-and-set over many
+//! keys). Nemeses: `kill`, `pause`, `partition`. Not yet (issue 5): list-append,
+//! watch, lease and lock workloads; membership-change and compaction nemeses.
+
+pub mod checker;
+pub mod cluster;
+pub mod history;
+pub mod rng;
+pub mod timeline;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use checker::Verdict;
+use cluster::{Cluster, Target};
+use history::{Call, History, Op, Ret, Status};
+use rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 a member (the leader half of the time), restart it after the interval.
+    Kill,
+    /// SIGSTOP a member, SIGCONT after the interval.
+    Pause,
+    /// Cut a member (the leader half of the time) off from its peers.
+    Partition,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(Fault::Kill),
+            "pause" => Ok(Fault::Pause),
+            "partition" => Ok(Fault::Partition),
+            other => Err(format!(
+                "unknown nemesis {other:?} (kill, pause, partition)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub target: Target,
+    /// The `pontoon` binary (ignored for etcd, which comes from PATH).
+    pub binary: PathBuf,
+    pub nodes: usize,
+    pub nemesis: Vec<Fault>,
+    /// How long each fault lasts, and the quiet time between faults.
+    pub fault_interval: Duration,
+    pub time: Duration,
+    /// Operations per second over all clients.
+    pub rate: u64,
+    pub clients: usize,
+    pub keys: usize,
+    /// A request not answered within this is indeterminate.
+    pub op_timeout: Duration,
+    /// Serve reads with `serializable` (local, possibly stale): the harness must then
+    /// find a violation under partitions.
+    pub serializable_reads: bool,
+    pub seed: u64,
+    pub check_budget: Duration,
+    /// Where the history, verdict and timeline go.
+    pub report_dir: PathBuf,
+    /// Extra server flags.
+    pub server_args: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub ok: usize,
+    pub failed: usize,
+    pub indeterminate: usize,
+    pub faults: Vec<String>,
+    pub check_time: Duration,
+    pub recovered: bool,
+}
+
+/// How long a set of keys is used before clients move to fresh ones.
+const KEY_GENERATION: Duration = Duration::from_secs(5);
+
+/// A monotonic clock shared by all clients of a run.
+#[derive(Clone)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+fn is_definite_failure(e: &etcd_client::Error) -> bool {
+    match e {
+        // The connection could not be made: the request never left.
+        etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::Unavailable
+                && (s.message().contains("tcp connect error")
+                    || s.message().contains("Connection refused")) =>
+        {
+            true
+        }
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::NotFound
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+            ) || s.message() == "etcdserver: no leader"
+        }
+        _ => false,
+    }
+}
+
+fn parse_value(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+struct Shared {
+    clock: Clock,
+    history: Mutex<History>,
+    next_value: AtomicU64,
+    /// The last value written to each key (any outcome), for plausible CAS compares.
+    last: Mutex<Vec<u64>>,
+}
+
+async fn run_client(
+    shared: Arc<Shared>,
+    cfg: RunConfig,
+    endpoint: String,
+    index: usize,
+    until: Instant,
+) {
+    let mut rng = Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut process = index as u64;
+    let per_client = Duration::from_secs_f64(cfg.clients as f64 / cfg.rate.max(1) as f64);
+    let mut client: Option<etcd_client::Client> = None;
+    while Instant::now() < until {
+        let started = Instant::now();
+        if client.is_none() {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(1))
+                .with_timeout(cfg.op_timeout);
+            client = etcd_client::Client::connect([endpoint.clone()], Some(opts))
+                .await
+                .ok();
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        let c = client.as_mut().expect("connected");
+        // Keys rotate every KEY_GENERATION (Jepsen's "independent" keys): each key's
+        // history stays short, so indeterminate operations cannot blow up the search.
+        let generation = shared.clock.now() / KEY_GENERATION.as_nanos() as u64;
+        let k = rng.below(cfg.keys as u64) as usize;
+        let key = format!("jepsen/g{generation}/r{k}");
+        let dice = rng.below(10);
+        let call = if dice < 4 {
+            Call::Read
+        } else if dice < 8 {
+            Call::Write(shared.next_value.fetch_add(1, Ordering::Relaxed))
+        } else {
+            // A recent value of this key index (maybe of an older generation: the
+            // compare then fails, which is a result too).
+            let expect = shared.last.lock().expect("lock")[k];
+            Call::Cas(expect, shared.next_value.fetch_add(1, Ordering::Relaxed))
+        };
+        if let Call::Write(v) | Call::Cas(_, v) = call {
+            shared.last.lock().expect("lock")[k] = v;
+        }
+        let invoke = shared.clock.now();
+        let result = tokio::time::timeout(cfg.op_timeout, async {
+            match call {
+                Call::Read => {
+                    let opts = cfg
+                        .serializable_reads
+                        .then(|| GetOptions::new().with_serializable());
+                    c.get(key.as_str(), opts)
+                        .await
+                        .map(|r| Ret::Read(r.kvs().first().and_then(|kv| parse_value(kv.value()))))
+                }
+                Call::Write(v) => c
+                    .put(key.as_str(), v.to_string(), None)
+                    .await
+                    .map(|_| Ret::Write),
+                Call::Cas(e, n) => {
+                    let txn = Txn::new()
+                        .when([Compare::value(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            e.to_string(),
+                        )])
+                        .and_then([TxnOp::put(key.as_str(), n.to_string(), None)]);
+                    c.txn(txn).await.map(|r| Ret::Cas(r.succeeded()))
+                }
+            }
+        })
+        .await;
+        let complete = shared.clock.now();
+        let (status, ret, error) = match result {
+            Ok(Ok(ret)) => (Status::Ok, Some(ret), None),
+            Ok(Err(e)) if call == Call::Read || is_definite_failure(&e) => {
+                (Status::Fail, None, Some(e.to_string()))
+            }
+            Ok(Err(e)) => (Status::Info, None, Some(e.to_string())),
+            Err(_) if call == Call::Read => (Status::Fail, None, Some("timeout".into())),
+            Err(_) => (Status::Info, None, Some("timeout".into())),
+        };
+        let op = Op {
+            process,
+            key,
+            call,
+            ret,
+            invoke,
+            complete: (status == Status::Ok).then_some(complete),
+        };
+        shared
+            .history
+            .lock()
+            .expect("history lock")
+            .ops
+            .push((op, status, error));
+        if status != Status::Ok {
+            // The connection may be broken; an indeterminate op stays pending forever,
+            // so its process never issues another one.
+            client = None;
+            if status == Status::Info {
+                process += cfg.clients as u64;
+            }
+        }
+        let spent = started.elapsed();
+        if spent < per_client {
+            tokio::time::sleep(per_client - spent).await;
+        }
+    }
+}
+
+/// Runs the nemesis until `until`: a fault every other interval, healed after one.
+async fn run_nemesis(
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    cfg: RunConfig,
+    until: Instant,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    if cfg.nemesis.is_empty() {
+        return;
+    }
+    let mut rng = Rng::new(cfg.seed.wrapping_add(7));
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(cfg.fault_interval).await;
+        if Instant::now() + cfg.fault_interval > until {
+            return;
+        }
+        let fault = cfg.nemesis[rng.below(cfg.nemesis.len() as u64) as usize];
+        let mut c = cluster.lock().await;
+        let n = c.nodes.len();
+        let leader = c.leader().await;
+        let target = match (fault, leader, rng.below(2)) {
+            (Fault::Pause, _, _) | (_, None, _) | (_, _, 0) => rng.below(n as u64) as usize,
+            (_, Some(l), _) => l,
+        };
+        let what = match fault {
+            Fault::Kill => {
+                c.kill(target);
+                "kill -9"
+            }
+            Fault::Pause => {
+                c.pause(target);
+                "pause"
+            }
+            Fault::Partition => {
+                c.isolate(target);
+                "isolate"
+            }
+        };
+        let is_leader = leader == Some(target);
+        let line = format!(
+            "{:>6.1}s {what} {}{}",
+            started.elapsed().as_secs_f64(),
+            c.nodes[target].name,
+            if is_leader { " (leader)" } else { "" }
+        );
+        eprintln!("nemesis: {line}");
+        log.lock().expect("lock").push(line);
+        drop(c);
+        tokio::time::sleep(cfg.fault_interval).await;
+        let mut c = cluster.lock().await;
+        if let Err(e) = c.heal() {
+            eprintln!("nemesis: heal failed: {e}");
+        }
+        log.lock()
+            .expect("lock")
+            .push(format!("{:>6.1}s heal", started.elapsed().as_secs_f64()));
+    }
+}
+
+/// Runs one test and writes its report directory.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(&cfg.report_dir)?;
+    eprintln!(
+        "starting {} members of {:?} (seed {})",
+        cfg.nodes, cfg.target, cfg.seed
+    );
+    let cluster = Cluster::start(cfg.target, cfg.nodes, &cfg.binary, &cfg.server_args).await?;
+    let endpoints = cluster.endpoints();
+    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    let shared = Arc::new(Shared {
+        clock: Clock(Instant::now()),
+        history: Mutex::new(History::default()),
+        next_value: AtomicU64::new(1),
+        last: Mutex::new(vec![0; cfg.keys]),
+    });
+    let until = Instant::now() + cfg.time;
+    let faults = Arc::new(Mutex::new(Vec::new()));
+    let nemesis = tokio::spawn(run_nemesis(
+        cluster.clone(),
+        cfg.clone(),
+        until,
+        faults.clone(),
+    ));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(run_client(
+                shared.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let h = shared.history.lock().expect("lock");
+                eprintln!(
+                    "{:>6.1}s: {} ok, {} failed, {} indeterminate",
+                    started.elapsed().as_secs_f64(),
+                    h.count(Status::Ok),
+                    h.count(Status::Fail),
+                    h.count(Status::Info)
+                );
+            }
+        })
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+
+    // Heal, then the cluster must serve again.
+    let recovered = {
+        let mut c = cluster.lock().await;
+        c.heal()?;
+        c.wait_healthy(Duration::from_secs(60)).await.is_ok()
+    };
+    let history = std::mem::take(&mut *shared.history.lock().expect("lock"));
+    history.write_jsonl(&cfg.report_dir.join("history.jsonl"))?;
+    eprintln!(
+        "checking {} operations ({} ok, {} failed, {} indeterminate)",
+        history.ops.len(),
+        history.count(Status::Ok),
+        history.count(Status::Fail),
+        history.count(Status::Info)
+    );
+    let ops = history.for_checker();
+    let started = Instant::now();
+    let budget = cfg.check_budget;
+    let verdict = tokio::task::spawn_blocking(move || checker::check(&ops, budget)).await?;
+    let check_time = started.elapsed();
+    let faults = faults.lock().expect("lock").clone();
+    let report = Report {
+        verdict,
+        ok: history.count(Status::Ok),
+        failed: history.count(Status::Fail),
+        indeterminate: history.count(Status::Info),
+        faults,
+        check_time,
+        recovered,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
+    let verdict = match &r.verdict {
+        Verdict::Valid => "valid".to_string(),
+        Verdict::Invalid { key, ops } => {
+            std::fs::write(cfg.report_dir.join("timeline.svg"), timeline::svg(key, ops))?;
+            let mut text =
+                format!("INVALID: key {key} is not linearizable; minimal sub-history:\n");
+            for op in ops {
+                text.push_str(&format!("  {}\n", timeline::describe(op)));
+            }
+            text
+        }
+        Verdict::Unknown { reason } => format!("unknown: {reason}"),
+    };
+    let summary = format!(
+        "target: {:?}\nnodes: {}\nnemesis: {:?}\nseed: {}\nops: {} ok, {} failed, {} indeterminate\n\
+         recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nfaults:\n{}\n",
+        cfg.target,
+        cfg.nodes,
+        cfg.nemesis,
+        cfg.seed,
+        r.ok,
+        r.failed,
+        r.indeterminate,
+        r.recovered,
+        r.check_time,
+        r.faults.join("\n")
+    );
+    std::fs::write(cfg.report_dir.join("results.txt"), &summary)?;
+    eprint!("{summary}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connections_are_definite_failures() {
+        let refused =
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("tcp connect error"));
+        assert!(is_definite_failure(&refused));
+        let lost = etcd_client::Error::GRpcStatus(tonic::Status::unknown("transport error"));
+        assert!(!is_definite_failure(&lost));
+        let changed = etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
+            "etcdserver: leader changed",
+        ));
+        assert!(!is_definite_failure(&changed));
+    }
+}

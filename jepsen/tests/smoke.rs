@@ -1,0 +1,90 @@
+//! The short runs of the default test suite: Pontoon under kill and partition faults
+//! is linearizable, real etcd 3.4 under the same faults is too, and stale
+//! (serializable) reads under partitions are caught. Longer runs: see jepsen/README.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pontoon_jepsen::checker::Verdict;
+use pontoon_jepsen::cluster::Target;
+use pontoon_jepsen::{run, Fault, RunConfig};
+
+fn pontoon_binary() -> PathBuf {
+    // target/<profile>/deps/smoke-* -> target/<profile>/pontoon
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("pontoon")
+}
+
+fn have_etcd() -> bool {
+    std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn config(target: Target, nemesis: Vec<Fault>, secs: u64, name: &str) -> RunConfig {
+    RunConfig {
+        target,
+        binary: pontoon_binary(),
+        nodes: 3,
+        nemesis,
+        fault_interval: Duration::from_secs(3),
+        time: Duration::from_secs(secs),
+        rate: 300,
+        clients: 10,
+        keys: 6,
+        op_timeout: Duration::from_secs(3),
+        serializable_reads: false,
+        seed: 7,
+        check_budget: Duration::from_secs(60),
+        report_dir: std::env::temp_dir()
+            .join(format!("pontoon-jepsen-{name}-{}", std::process::id())),
+        server_args: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pontoon_is_linearizable_under_kill_pause_and_partition() {
+    let cfg = config(
+        Target::Pontoon,
+        vec![Fault::Kill, Fault::Pause, Fault::Partition],
+        21,
+        "pontoon",
+    );
+    let r = run(cfg).await.unwrap();
+    assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
+    assert!(r.recovered, "the cluster serves again after healing");
+    assert!(r.ok > 1000, "enough load: {r:?}");
+    assert!(r.faults.len() >= 6, "faults were injected: {:?}", r.faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_is_linearizable_under_kill_and_partition() {
+    if !have_etcd() {
+        eprintln!("etcd not installed; skipping");
+        return;
+    }
+    let cfg = config(
+        Target::Etcd,
+        vec![Fault::Kill, Fault::Partition],
+        15,
+        "etcd",
+    );
+    let r = run(cfg).await.unwrap();
+    assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
+    assert!(r.recovered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_serializable_reads_under_partition_are_caught() {
+    let mut cfg = config(Target::Pontoon, vec![Fault::Partition], 26, "stale");
+    cfg.serializable_reads = true;
+    cfg.fault_interval = Duration::from_secs(4);
+    cfg.keys = 3;
+    cfg.rate = 400;
+    let r = run(cfg).await.unwrap();
+    assert!(
+        matches!(r.verdict, Verdict::Invalid { .. }),
+        "serializable reads from an isolated member must be caught: {r:?}"
+    );
+}
