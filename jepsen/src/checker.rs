@@ -36,6 +36,9 @@ pub enum Verdict {
     Unknown {
         reason: String,
     },
+    /// A workload's guarantees were broken (watch: lost, duplicated, reordered or
+    /// wrong events).
+    Violations(Vec<String>),
 }
 
 /// The register's state: the value, or absent.

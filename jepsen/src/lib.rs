@@ -9,14 +9,17 @@
 //! - [`timeline`]: an SVG picture of a failing sub-history.
 //!
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
-//! keys). Nemeses: `kill`, `pause`, `partition`. Not yet (issue 5): list-append,
-//! watch, lease and lock workloads; membership-change and compaction nemeses.
+//! keys, checked for linearizability) and `watch` (watchers resuming across faults,
+//! checked for etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
+//! `partition`. Not yet (issue 5): list-append, lease and lock workloads;
+//! membership-change and compaction nemeses.
 
 pub mod checker;
 pub mod cluster;
 pub mod history;
 pub mod rng;
 pub mod timeline;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,8 +57,26 @@ impl std::str::FromStr for Fault {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    Register,
+    Watch,
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "register" => Ok(Workload::Register),
+            "watch" => Ok(Workload::Watch),
+            other => Err(format!("unknown workload {other:?} (register, watch)")),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
+    pub workload: Workload,
     pub target: Target,
     /// The `pontoon` binary (ignored for etcd, which comes from PATH).
     pub binary: PathBuf,
@@ -339,6 +360,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         until,
         faults.clone(),
     ));
+    if cfg.workload == Workload::Watch {
+        return run_watch(cfg, cluster, endpoints, until, nemesis, faults).await;
+    }
     let clients: Vec<_> = (0..cfg.clients)
         .map(|i| {
             tokio::spawn(run_client(
@@ -407,6 +431,94 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The watch workload: half the clients write, the other half watch.
+async fn run_watch(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Report> {
+    let writers_n = (cfg.clients / 2).max(1);
+    let watchers_n = (cfg.clients - writers_n).max(1);
+    let out = Arc::new(Mutex::new(watch::WatchHistory {
+        watchers: vec![Vec::new(); watchers_n],
+        ..Default::default()
+    }));
+    let final_rev = Arc::new(Mutex::new(None));
+    let give_up = until + Duration::from_secs(90);
+    let per_op = Duration::from_secs_f64(writers_n as f64 / cfg.rate.max(1) as f64);
+    let writers: Vec<_> = (0..writers_n)
+        .map(|i| {
+            tokio::spawn(watch::writer(
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                cfg.keys,
+                until,
+                per_op,
+                out.clone(),
+            ))
+        })
+        .collect();
+    let watchers: Vec<_> = (0..watchers_n)
+        .map(|i| {
+            tokio::spawn(watch::watcher(
+                endpoints.clone(),
+                i,
+                final_rev.clone(),
+                give_up,
+                out.clone(),
+            ))
+        })
+        .collect();
+    for w in writers {
+        let _ = w.await;
+    }
+    let _ = nemesis.await;
+    let recovered = {
+        let mut c = cluster.lock().await;
+        c.heal()?;
+        c.wait_healthy(Duration::from_secs(60)).await.is_ok()
+    };
+    // The revision every watcher must reach.
+    let mut c = etcd_client::Client::connect(endpoints.clone(), None).await?;
+    let last = c
+        .get("jepsen/w/", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    *final_rev.lock().expect("lock") = Some(last);
+    for w in watchers {
+        let _ = w.await;
+    }
+    let started = Instant::now();
+    let h = std::mem::take(&mut *out.lock().expect("lock"));
+    let problems = watch::check(&h, last);
+    let events: usize = h.watchers.iter().map(Vec::len).sum();
+    eprintln!(
+        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects",
+        h.acked.len(),
+        h.watchers.len(),
+        h.reconnects
+    );
+    let report = Report {
+        verdict: if problems.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(problems)
+        },
+        ok: h.acked.len(),
+        failed: 0,
+        indeterminate: 0,
+        faults: faults.lock().expect("lock").clone(),
+        check_time: started.elapsed(),
+        recovered,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
 fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
     let verdict = match &r.verdict {
         Verdict::Valid => "valid".to_string(),
@@ -420,10 +532,18 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
             text
         }
         Verdict::Unknown { reason } => format!("unknown: {reason}"),
+        Verdict::Violations(problems) => {
+            let mut text = format!("INVALID: {} watch guarantee violations:\n", problems.len());
+            for p in problems.iter().take(50) {
+                text.push_str(&format!("  {p}\n"));
+            }
+            text
+        }
     };
     let summary = format!(
-        "target: {:?}\nnodes: {}\nnemesis: {:?}\nseed: {}\nops: {} ok, {} failed, {} indeterminate\n\
+        "workload: {:?}\ntarget: {:?}\nnodes: {}\nnemesis: {:?}\nseed: {}\nops: {} ok, {} failed, {} indeterminate\n\
          recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nfaults:\n{}\n",
+        cfg.workload,
         cfg.target,
         cfg.nodes,
         cfg.nemesis,

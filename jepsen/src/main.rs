@@ -9,7 +9,7 @@ use clap::Parser;
 
 use pontoon_jepsen::checker::Verdict;
 use pontoon_jepsen::cluster::Target;
-use pontoon_jepsen::{run, Fault, RunConfig};
+use pontoon_jepsen::{run, Fault, RunConfig, Workload};
 
 #[derive(Parser)]
 #[command(
@@ -25,9 +25,9 @@ struct Args {
     binary: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// Only `register` so far.
+    /// register or watch.
     #[arg(long, default_value = "register")]
-    workload: String,
+    workload: Workload,
     /// Comma-separated faults: kill, pause, partition (empty: none).
     #[arg(long, default_value = "kill")]
     nemesis: String,
@@ -70,13 +70,6 @@ fn default_binary() -> PathBuf {
 
 fn main() {
     let a = Args::parse();
-    if a.workload != "register" {
-        eprintln!(
-            "unknown workload {:?}: only `register` is implemented",
-            a.workload
-        );
-        std::process::exit(2);
-    }
     let nemesis: Result<Vec<Fault>, String> = a
         .nemesis
         .split(',')
@@ -92,6 +85,7 @@ fn main() {
         }
     };
     let cfg = RunConfig {
+        workload: a.workload,
         target: a.target,
         binary: a.binary.unwrap_or_else(default_binary),
         nodes: a.nodes,
@@ -116,7 +110,7 @@ fn main() {
                 eprintln!("history valid, but the cluster did not serve again after healing");
                 2
             }
-            Verdict::Invalid { .. } => 1,
+            Verdict::Invalid { .. } | Verdict::Violations(_) => 1,
             Verdict::Unknown { .. } => 2,
         },
         Err(e) => {

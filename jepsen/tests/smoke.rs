@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pontoon_jepsen::checker::Verdict;
 use pontoon_jepsen::cluster::Target;
-use pontoon_jepsen::{run, Fault, RunConfig};
+use pontoon_jepsen::{run, Fault, RunConfig, Workload};
 
 fn pontoon_binary() -> PathBuf {
     // target/<profile>/deps/smoke-* -> target/<profile>/pontoon
@@ -24,6 +24,7 @@ fn have_etcd() -> bool {
 
 fn config(target: Target, nemesis: Vec<Fault>, secs: u64, name: &str) -> RunConfig {
     RunConfig {
+        workload: Workload::Register,
         target,
         binary: pontoon_binary(),
         nodes: 3,
@@ -87,4 +88,20 @@ async fn stale_serializable_reads_under_partition_are_caught() {
         matches!(r.verdict, Verdict::Invalid { .. }),
         "serializable reads from an isolated member must be caught: {r:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pontoon_watchers_lose_nothing_under_kill_and_partition() {
+    let mut cfg = config(
+        Target::Pontoon,
+        vec![Fault::Kill, Fault::Partition],
+        15,
+        "watch",
+    );
+    cfg.workload = Workload::Watch;
+    cfg.clients = 8;
+    cfg.keys = 20;
+    let r = run(cfg).await.unwrap();
+    assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
+    assert!(r.ok > 500, "enough writes: {r:?}");
 }
