@@ -740,3 +740,32 @@ async fn a_member_without_a_leader_answers_with_etcds_errors() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_removed_while_down_stops_when_it_comes_back() {
+    let mut cluster = Cluster::start(Target::Pontoon, 3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+    let gone = (leader + 1) % 3;
+    let mut c = cluster.members[gone].client().await;
+    let id = c.status().await.unwrap().header().unwrap().member_id();
+    drop(c);
+    // Down while it is removed: it never receives the entry that removes it.
+    cluster.members[gone].kill9();
+    let mut c = cluster.members[leader].client().await;
+    c.member_remove(id).await.unwrap();
+    c.put("after-removal", "v", None).await.unwrap();
+    // Back with its old data, it believes it is a member; its peers refuse its
+    // traffic, and it stops itself as etcd does.
+    cluster.members[gone].spawn_process();
+    let exit = cluster.members[gone].wait_exit(Duration::from_secs(15));
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "a removed member must stop: {exit:?}\n{}",
+        cluster.members[gone].log_text()
+    );
+    assert!(cluster.members[gone]
+        .log_text()
+        .contains("the member has been permanently removed from the cluster"));
+    // The others are unaffected.
+    c.put("still", "fine", None).await.unwrap();
+}

@@ -97,6 +97,8 @@ pub struct Node {
     pub log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Removed and added back: restarts join the running cluster.
+    rejoined: bool,
     proxy: Proxy,
 }
 
@@ -130,7 +132,12 @@ impl Cluster {
         binary: &Path,
         extra: &[String],
     ) -> anyhow::Result<Cluster> {
-        let dir = tempfile::tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("jepsen-cluster")
+            .tempdir()?;
+        if std::env::var_os("JEPSEN_KEEP").is_some() {
+            eprintln!("cluster files: {}", dir.path().display());
+        }
         let mut nodes = Vec::new();
         for i in 0..n {
             let (client_port, peer_port, proxy_port) = (free_port(), free_port(), free_port());
@@ -143,6 +150,7 @@ impl Cluster {
                 log: dir.path().join(format!("n{}.log", i + 1)),
                 child: None,
                 paused: false,
+                rejoined: false,
                 proxy: Proxy::start(proxy_port, peer_port).await?,
             });
         }
@@ -161,13 +169,13 @@ impl Cluster {
             partitioned: Arc::new(AtomicBool::new(false)),
         };
         for i in 0..n {
-            c.spawn(i)?;
+            c.spawn(i, "new")?;
         }
         c.wait_healthy(Duration::from_secs(30)).await?;
         Ok(c)
     }
 
-    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+    fn spawn(&mut self, i: usize, state: &str) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         let mut cmd = match self.target {
             Target::Pontoon => {
@@ -194,7 +202,7 @@ impl Cluster {
             "--initial-cluster",
             &self.initial,
             "--initial-cluster-state",
-            "new",
+            state,
         ]);
         cmd.args(&self.extra);
         let log = std::fs::OpenOptions::new()
@@ -280,7 +288,12 @@ impl Cluster {
 
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         if self.nodes[i].child.is_none() {
-            self.spawn(i)?;
+            let state = if self.nodes[i].rejoined {
+                "existing"
+            } else {
+                "new"
+            };
+            self.spawn(i, state)?;
         }
         Ok(())
     }
@@ -301,6 +314,71 @@ impl Cluster {
     pub fn resume(&mut self, i: usize) {
         self.signal(i, "-CONT");
         self.nodes[i].paused = false;
+    }
+
+    /// Membership change: removes member `i` through another member, wipes its data,
+    /// adds it back under a new ID and starts it with `--initial-cluster-state existing`.
+    pub async fn remove_and_readd(&mut self, i: usize) -> anyhow::Result<()> {
+        let others: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, n)| *j != i && n.is_up() && !n.paused)
+            .map(|(_, n)| n.endpoint())
+            .collect();
+        let opts = etcd_client::ConnectOptions::new()
+            .with_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(1));
+        let mut c = etcd_client::Client::connect(others, Some(opts)).await?;
+        let url = format!("http://127.0.0.1:{}", self.nodes[i].proxy_port);
+        let member_id = |list: &etcd_client::MemberListResponse| {
+            list.members()
+                .iter()
+                .find(|m| m.peer_urls().contains(&url))
+                .map(|m| m.id())
+        };
+        let Some(id) = member_id(&c.member_list().await?) else {
+            anyhow::bail!("{} is not a member", self.nodes[i].name);
+        };
+        // An error may still have removed it ("leader changed" when the leader
+        // removes itself): look before trying again.
+        for attempt in 0.. {
+            match c.member_remove(id).await {
+                Ok(_) => break,
+                Err(e) if attempt >= 5 => return Err(e.into()),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Ok(list) = c.member_list().await {
+                        if member_id(&list).is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if std::env::var_os("JEPSEN_REMOVE_ONLY").is_some() {
+            // Diagnostic mode: leave the removed member to stop by itself.
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(&self.nodes[i].data_dir);
+        for attempt in 0.. {
+            match c.member_add([url.clone()], None).await {
+                Ok(_) => break,
+                Err(e) if attempt >= 5 => return Err(e.into()),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Ok(list) = c.member_list().await {
+                        if member_id(&list).is_some() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.nodes[i].rejoined = true;
+        self.spawn(i, "existing")
     }
 
     /// Cuts member `i` off from its peers' traffic.
@@ -329,6 +407,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::env::var_os("JEPSEN_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("tempdir"));
+            let _ = dir.keep();
+        }
         for i in 0..self.nodes.len() {
             if self.nodes[i].paused {
                 self.resume(i);

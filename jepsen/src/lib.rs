@@ -11,8 +11,8 @@
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
 //! keys, checked for linearizability) and `watch` (watchers resuming across faults,
 //! checked for etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
-//! `partition`. Not yet (issue 5): list-append, lease and lock workloads;
-//! membership-change and compaction nemeses.
+//! `partition`, `membership`. Not yet (issue 5): list-append, lease and lock
+//! workloads; a compaction nemesis.
 
 pub mod checker;
 pub mod cluster;
@@ -41,6 +41,8 @@ pub enum Fault {
     Pause,
     /// Cut a member (the leader half of the time) off from its peers.
     Partition,
+    /// Remove a member (the leader half of the time), wipe it, add it back.
+    Membership,
 }
 
 impl std::str::FromStr for Fault {
@@ -50,8 +52,9 @@ impl std::str::FromStr for Fault {
             "kill" => Ok(Fault::Kill),
             "pause" => Ok(Fault::Pause),
             "partition" => Ok(Fault::Partition),
+            "membership" => Ok(Fault::Membership),
             other => Err(format!(
-                "unknown nemesis {other:?} (kill, pause, partition)"
+                "unknown nemesis {other:?} (kill, pause, partition, membership)"
             )),
         }
     }
@@ -314,6 +317,13 @@ async fn run_nemesis(
                 c.isolate(target);
                 "isolate"
             }
+            Fault::Membership => match c.remove_and_readd(target).await {
+                Ok(()) => "remove and re-add",
+                Err(e) => {
+                    eprintln!("nemesis: membership change failed: {e:#}");
+                    "membership change failed for"
+                }
+            },
         };
         let is_leader = leader == Some(target);
         let line = format!(

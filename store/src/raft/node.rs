@@ -683,6 +683,10 @@ impl Driver {
                 }
             }
             Command::Report(Report::Unreachable(id)) => self.raw.report_unreachable(id),
+            Command::Report(Report::Removed) => {
+                tracing::warn!("peers refuse this member: it was removed from the cluster");
+                return Err(Error::MemberRemoved);
+            }
             Command::Report(Report::Snapshot { to, ok }) => {
                 if ok {
                     self.status.snapshots_sent.fetch_add(1, Ordering::Relaxed);
@@ -1116,7 +1120,13 @@ impl Applier {
         self.waiters
             .complete(cc.id, Ok(ApplyResponse::Members(members)));
         if change == MemberChange::Remove(self.id) {
+            // Stop raft at once: a removed leader must not go on acknowledging
+            // anything (raft-rs keeps a removed leader leading) while the rest of
+            // the process shuts down.
+            self.status.stopped.store(true, Ordering::Release);
+            let _ = self.tx.send(Command::Stop);
             self.observer.on_removed();
+            return Err(Error::MemberRemoved);
         }
         Ok(())
     }

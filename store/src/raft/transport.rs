@@ -41,7 +41,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub enum Report {
     Unreachable(u64),
-    Snapshot { to: u64, ok: bool },
+    Snapshot {
+        to: u64,
+        ok: bool,
+    },
+    /// A peer refused our traffic because this member was removed from the cluster
+    /// (possibly before this member applied its own removal: a removed member may
+    /// never receive that entry). As etcd does, the member must stop.
+    Removed,
 }
 
 pub type Reporter = Arc<dyn Fn(Report) + Send + Sync>;
@@ -267,6 +274,11 @@ async fn run_peer(
                 r = &mut call => {
                     if let Ok(Err(status)) = r {
                         tracing::debug!(peer = %format!("{id:x}"), %status, "peer stream closed");
+                        if status.code() == tonic::Code::PermissionDenied
+                            && status.message().contains("removed")
+                        {
+                            t.report(Report::Removed);
+                        }
                     }
                     break;
                 }
