@@ -608,8 +608,11 @@ async fn leases_are_kept_alive_through_followers_and_survive_a_leader_change() {
         .expect("a new leader");
     let mut nc = cluster.members[new_leader].client().await;
     let after = nc.lease_time_to_live(long, None).await.unwrap().ttl();
+    // The new leader resumes from the last checkpoint (taken every second once the
+    // stored TTL is 2 s off), so the lease may gain up to ~3 s; etcd would restart it
+    // at the full 30 s.
     assert!(
-        (18..=25).contains(&after),
+        (18..=27).contains(&after),
         "TTL after the leader change: {after} (before: {before})"
     );
 
