@@ -4,10 +4,10 @@
 //! hot paths record with a relaxed atomic add. Gauges that already live elsewhere
 //! (raft status, database size) are read when `/metrics` is rendered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 /// A histogram with fixed buckets (upper bounds in seconds).
@@ -74,17 +74,23 @@ pub struct Metrics {
     pub backend_commit: Histogram,
     /// Peer round trip, by peer member ID (hex).
     pub peer_rtt: Mutex<BTreeMap<String, Histogram>>,
-    /// gRPC calls: (service, method) -> started; (service, method, code) -> handled.
-    pub grpc_started: Mutex<BTreeMap<(String, String), u64>>,
-    pub grpc_handled: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// gRPC calls by path (`/etcdserverpb.KV/Range`). After a path's first call,
+    /// counting takes a shared lock and two atomic adds, no allocation.
+    grpc: RwLock<HashMap<String, GrpcCounters>>,
+}
+
+/// Calls of one gRPC method: started, and handled by status code (0..=16).
+#[derive(Default)]
+struct GrpcCounters {
+    started: AtomicU64,
+    handled: [AtomicU64; 17],
 }
 
 pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| Metrics {
     wal_fsync: Histogram::new(DISK_BUCKETS),
     backend_commit: Histogram::new(DISK_BUCKETS),
     peer_rtt: Mutex::new(BTreeMap::new()),
-    grpc_started: Mutex::new(BTreeMap::new()),
-    grpc_handled: Mutex::new(BTreeMap::new()),
+    grpc: RwLock::new(HashMap::new()),
 });
 
 impl Metrics {
@@ -97,32 +103,25 @@ impl Metrics {
             .observe(d);
     }
 
-    /// Splits `/etcdserverpb.KV/Range` into ("etcdserverpb.KV", "Range").
-    fn split(path: &str) -> (String, String) {
-        let p = path.trim_start_matches('/');
-        match p.split_once('/') {
-            Some((s, m)) => (s.to_string(), m.to_string()),
-            None => (p.to_string(), String::new()),
+    fn with_grpc(&self, path: &str, f: impl Fn(&GrpcCounters)) {
+        if let Some(c) = self.grpc.read().expect("metrics lock").get(path) {
+            return f(c);
         }
+        let mut map = self.grpc.write().expect("metrics lock");
+        f(map.entry(path.to_string()).or_default());
     }
 
     pub fn grpc_started(&self, path: &str) {
-        *self
-            .grpc_started
-            .lock()
-            .expect("metrics lock")
-            .entry(Self::split(path))
-            .or_default() += 1;
+        self.with_grpc(path, |c| {
+            c.started.fetch_add(1, Ordering::Relaxed);
+        });
     }
 
-    pub fn grpc_handled(&self, path: &str, code: &str) {
-        let (s, m) = Self::split(path);
-        *self
-            .grpc_handled
-            .lock()
-            .expect("metrics lock")
-            .entry((s, m, code.to_string()))
-            .or_default() += 1;
+    /// `code` is the gRPC status code (0 = OK).
+    pub fn grpc_handled(&self, path: &str, code: usize) {
+        self.with_grpc(path, |c| {
+            c.handled[code.min(16)].fetch_add(1, Ordering::Relaxed);
+        });
     }
 
     /// Renders the histograms and gRPC counters; `gauges` are (name, help, type,
@@ -159,33 +158,68 @@ impl Metrics {
         for (peer, h) in self.peer_rtt.lock().expect("metrics lock").iter() {
             h.render(&mut out, name, &format!("To=\"{peer}\""));
         }
+        let grpc = self.grpc.read().expect("metrics lock");
+        let mut paths: Vec<&String> = grpc.keys().collect();
+        paths.sort();
+        let labels = |path: &str| {
+            let p = path.trim_start_matches('/');
+            let (service, method) = p.split_once('/').unwrap_or((p, ""));
+            format!(
+                "grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{}\"",
+                grpc_type(method)
+            )
+        };
         let name = "grpc_server_started_total";
         let _ = writeln!(
             out,
             "# HELP {name} Total number of RPCs started on the server.\n# TYPE {name} counter"
         );
-        for ((s, m), n) in self.grpc_started.lock().expect("metrics lock").iter() {
-            let t = grpc_type(m);
-            let _ = writeln!(
-                out,
-                "{name}{{grpc_method=\"{m}\",grpc_service=\"{s}\",grpc_type=\"{t}\"}} {n}"
-            );
+        for path in &paths {
+            let n = grpc[*path].started.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{{}}} {n}", labels(path));
         }
         let name = "grpc_server_handled_total";
         let _ = writeln!(
             out,
             "# HELP {name} Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE {name} counter"
         );
-        for ((s, m, c), n) in self.grpc_handled.lock().expect("metrics lock").iter() {
-            let t = grpc_type(m);
-            let _ = writeln!(
-                out,
-                "{name}{{grpc_code=\"{c}\",grpc_method=\"{m}\",grpc_service=\"{s}\",grpc_type=\"{t}\"}} {n}"
-            );
+        for path in &paths {
+            for (code, n) in grpc[*path].handled.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{grpc_code=\"{}\",{}}} {n}",
+                        CODE_NAMES[code],
+                        labels(path)
+                    );
+                }
+            }
         }
         out
     }
 }
+
+/// gRPC status code names as grpc-go's Prometheus interceptor writes them.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
 
 /// The streaming kind of an etcd RPC, as grpc-go labels it.
 fn grpc_type(method: &str) -> &'static str {

@@ -198,7 +198,7 @@ impl Transport for Arc<PeerTransport> {
 }
 
 /// Turns a peer URL into a gRPC endpoint.
-fn endpoint(url: &str) -> Option<tonic::transport::Endpoint> {
+pub(crate) fn endpoint(url: &str) -> Option<tonic::transport::Endpoint> {
     let e = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?;
     Some(
         e.connect_timeout(CONNECT_TIMEOUT)

@@ -37,7 +37,7 @@ impl MaintenanceService {
 }
 
 /// etcd's text for an alarm in Status.errors.
-fn alarm_text(a: i32) -> &'static str {
+pub(crate) fn alarm_text(a: i32) -> &'static str {
     match AlarmType::try_from(a) {
         Ok(AlarmType::Nospace) => "NOSPACE",
         Ok(AlarmType::Corrupt) => "CORRUPT",

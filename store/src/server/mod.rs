@@ -159,9 +159,9 @@ impl EtcdServer {
             .ok_or_else(|| to_status(Error::NoLeader))?;
         let mut last = to_status(Error::NoLeader);
         for url in &member.peer_ur_ls {
-            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| Status::internal(e.to_string()))?
-                .connect_timeout(Duration::from_secs(1));
+            let Some(endpoint) = crate::raft::transport::endpoint(url) else {
+                continue;
+            };
             match endpoint.connect().await {
                 Ok(ch) => {
                     let c = RaftPeerClient::new(ch);
