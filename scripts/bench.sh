@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 SECS="${1:-15}"
 ./scripts/setup.sh --test
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-cargo build --release --bin pontoon --bin pontoon-bench
+cargo build --release -p pontoon --bin pontoon
+cargo build --release -p pontoon-bench --bin pontoon-bench
 PONTOON="$TARGET_DIR/release/pontoon"
 BENCH="$TARGET_DIR/release/pontoon-bench"
 WORK="$(mktemp -d)"
