@@ -7,12 +7,18 @@
 //! which would make those etcdctl commands fail against Pontoon.
 //!
 //! [`AuthorityFix`] sits between the TCP stream and the HTTP server and rewrites only
-//! that: for an HTTP/2 connection (recognised by its preface) it decodes every request
-//! header block (HPACK, with the client's dynamic table), strips a `scheme://` prefix
-//! from `:authority`, and re-encodes the block for the server (with a table that
-//! mirrors the server's decoder). Every other frame passes through unchanged, and
-//! HTTP/1.1 connections (`/health`, `/metrics`) are not touched at all. Malformed
-//! input closes the connection, as the server itself would.
+//! that. For an HTTP/2 connection (recognised by its preface) it decodes the first
+//! request header block (HPACK). A client uses one authority for a connection, so:
+//!
+//! - if it is well-formed (every client but etcdctl 3.4's per-member calls), the
+//!   block and everything after it pass through untouched: no further parsing;
+//! - otherwise every header block of the connection is decoded (with the client's
+//!   dynamic table), `scheme://` is stripped from `:authority`, and the block is
+//!   re-encoded for the server (with a table that mirrors the server's decoder).
+//!
+//! Other frames pass through unchanged, and HTTP/1.1 connections (`/health`,
+//! `/metrics`) are not touched at all. Malformed input closes the connection, as the
+//! server itself would.
 
 use std::io;
 use std::pin::Pin;
@@ -36,7 +42,10 @@ const MAX_HEADER_BLOCK: usize = 1 << 20;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Detect,
-    H2,
+    /// HTTP/2, deciding on the first header block.
+    H2First,
+    /// HTTP/2 from a client that sends `scheme://` authorities: rewrite every block.
+    H2Rewrite,
     Passthrough,
 }
 
@@ -46,6 +55,8 @@ struct Pending {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     block: Vec<u8>,
+    /// The frames as received, passed on unchanged if no rewrite is needed.
+    frames: Vec<u8>,
 }
 
 pub struct AuthorityFix<S> {
@@ -95,7 +106,7 @@ impl<S> AuthorityFix<S> {
             if self.raw[..n] != PREFACE[..n] {
                 self.mode = Mode::Passthrough;
             } else if n == PREFACE.len() {
-                self.mode = Mode::H2;
+                self.mode = Mode::H2First;
                 let preface = self.raw.split_to(n);
                 self.out.extend_from_slice(&preface);
             } else {
@@ -107,7 +118,7 @@ impl<S> AuthorityFix<S> {
             self.out.extend_from_slice(&all);
             return Ok(());
         }
-        while self.raw.len() >= 9 {
+        while self.raw.len() >= 9 && self.mode != Mode::Passthrough {
             let len = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
             if self.raw.len() < 9 + len {
                 break;
@@ -145,6 +156,7 @@ impl<S> AuthorityFix<S> {
                         end_stream: flags & FLAG_END_STREAM != 0,
                         priority,
                         block: fragment.to_vec(),
+                        frames: frame.to_vec(),
                     });
                     if flags & FLAG_END_HEADERS != 0 {
                         self.emit()?;
@@ -158,6 +170,7 @@ impl<S> AuthorityFix<S> {
                         return Err(protocol_error("bad CONTINUATION"));
                     }
                     p.block.extend_from_slice(payload);
+                    p.frames.extend_from_slice(&frame);
                     if flags & FLAG_END_HEADERS != 0 {
                         self.emit()?;
                     }
@@ -170,6 +183,10 @@ impl<S> AuthorityFix<S> {
                 }
             }
         }
+        if self.mode == Mode::Passthrough {
+            let rest = self.raw.split();
+            self.out.extend_from_slice(&rest);
+        }
         Ok(())
     }
 
@@ -180,6 +197,18 @@ impl<S> AuthorityFix<S> {
             .decoder
             .decode(&p.block)
             .map_err(|e| protocol_error(&format!("HPACK: {e:?}")))?;
+        if self.mode == Mode::H2First {
+            let needs_fix = headers
+                .iter()
+                .any(|(n, v)| n == b":authority" && fix_authority(v).is_some());
+            if !needs_fix {
+                // A well-behaved client: nothing on this connection is touched again.
+                self.out.extend_from_slice(&p.frames);
+                self.mode = Mode::Passthrough;
+                return Ok(());
+            }
+            self.mode = Mode::H2Rewrite;
+        }
         let fixed: Vec<(Vec<u8>, Vec<u8>)> = headers
             .into_iter()
             .map(|(n, v)| match (n.as_slice(), fix_authority(&v)) {
@@ -365,6 +394,25 @@ mod tests {
         }
         // The DATA frame is untouched.
         assert!(out.windows(5).any(|w| w == b"\0\0\0\0\0"));
+    }
+
+    #[tokio::test]
+    async fn connections_with_valid_authorities_pass_through_untouched() {
+        let mut enc = fluke_hpack::Encoder::new();
+        let h: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":path", b"/etcdserverpb.KV/Put"),
+            (b":authority", b"127.0.0.1:2379"),
+        ];
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS | FLAG_PADDED, 1, &{
+            let mut p = vec![2u8];
+            p.extend(enc.encode(h.clone()));
+            p.extend([0, 0]);
+            p
+        }));
+        input.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 3, &enc.encode(h)));
+        assert_eq!(through(input.clone()).await, input, "byte for byte");
     }
 
     #[tokio::test]
