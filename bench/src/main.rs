@@ -224,30 +224,21 @@ async fn main() -> anyhow::Result<()> {
     let ok = h.len();
     let errors = totals.errors.load(Ordering::Relaxed);
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "workload {} | clients {} | conns {} | {ok} ok, {errors} errors in {elapsed:.2}s",
-        args.workload, args.clients, args.conns
-    );
-    println!(
-        "throughput {:.0} req/s | latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-        ok as f64 / elapsed,
+    let rps = ok as f64 / elapsed;
+    let (p50, p90, p99, p999, max) = (
         ms(0.5),
         ms(0.9),
         ms(0.99),
         ms(0.999),
-        h.max() as f64 / 1000.0
+        h.max() as f64 / 1000.0,
+    );
+    let (w, c, n) = (&args.workload, args.clients, args.conns);
+    println!("workload {w} | clients {c} | conns {n} | {ok} ok, {errors} errors in {elapsed:.2}s");
+    println!(
+        "throughput {rps:.0} req/s | latency ms: p50 {p50:.3}  p90 {p90:.3}  p99 {p99:.3}  p99.9 {p999:.3}  max {max:.3}"
     );
     println!(
-        "{{\"workload\":\"{}\",\"clients\":{},\"conns\":{},\"ok\":{ok},\"errors\":{errors},\"seconds\":{elapsed:.3},\"rps\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3}}}",
-        args.workload,
-        args.clients,
-        args.conns,
-        ok as f64 / elapsed,
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        ms(0.999),
-        h.max() as f64 / 1000.0
+        "{{\"workload\":\"{w}\",\"clients\":{c},\"conns\":{n},\"ok\":{ok},\"errors\":{errors},\"seconds\":{elapsed:.3},\"rps\":{rps:.1},\"p50_ms\":{p50:.3},\"p90_ms\":{p90:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3},\"max_ms\":{max:.3}}}"
     );
     Ok(())
 }

@@ -35,6 +35,18 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// A client for `endpoints` whose requests give up after `timeout` (and whose
+/// connection attempt gives up after a second).
+pub async fn connect(
+    endpoints: Vec<String>,
+    timeout: Duration,
+) -> Result<etcd_client::Client, etcd_client::Error> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_timeout(timeout)
+        .with_connect_timeout(Duration::from_secs(1));
+    etcd_client::Client::connect(endpoints, Some(opts)).await
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -221,16 +233,9 @@ impl Cluster {
         for node in self.nodes.iter().filter(|n| n.is_up()) {
             loop {
                 let ok = async {
-                    let mut c = etcd_client::Client::connect(
-                        [node.endpoint()],
-                        Some(
-                            etcd_client::ConnectOptions::new()
-                                .with_timeout(Duration::from_secs(2))
-                                .with_connect_timeout(Duration::from_secs(1)),
-                        ),
-                    )
-                    .await
-                    .ok()?;
+                    let mut c = connect(vec![node.endpoint()], Duration::from_secs(2))
+                        .await
+                        .ok()?;
                     c.get("jepsen-health", None).await.ok()
                 }
                 .await
@@ -261,11 +266,7 @@ impl Cluster {
             if !node.is_up() || node.paused {
                 continue;
             }
-            let opts = etcd_client::ConnectOptions::new()
-                .with_timeout(Duration::from_secs(1))
-                .with_connect_timeout(Duration::from_secs(1));
-            let Ok(mut c) = etcd_client::Client::connect([node.endpoint()], Some(opts)).await
-            else {
+            let Ok(mut c) = connect(vec![node.endpoint()], Duration::from_secs(1)).await else {
                 continue;
             };
             if let Ok(s) = c.status().await {
@@ -326,10 +327,7 @@ impl Cluster {
             .filter(|(j, n)| *j != i && n.is_up() && !n.paused)
             .map(|(_, n)| n.endpoint())
             .collect();
-        let opts = etcd_client::ConnectOptions::new()
-            .with_timeout(Duration::from_secs(5))
-            .with_connect_timeout(Duration::from_secs(1));
-        let mut c = etcd_client::Client::connect(others, Some(opts)).await?;
+        let mut c = connect(others, Duration::from_secs(5)).await?;
         let url = format!("http://127.0.0.1:{}", self.nodes[i].proxy_port);
         let member_id = |list: &etcd_client::MemberListResponse| {
             list.members()

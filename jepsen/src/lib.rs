@@ -181,10 +181,7 @@ async fn run_client(
     while Instant::now() < until {
         let started = Instant::now();
         if client.is_none() {
-            let opts = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(1))
-                .with_timeout(cfg.op_timeout);
-            client = etcd_client::Client::connect([endpoint.clone()], Some(opts))
+            client = cluster::connect(vec![endpoint.clone()], cfg.op_timeout)
                 .await
                 .ok();
             if client.is_none() {
