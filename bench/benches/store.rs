@@ -54,6 +54,7 @@ fn mvcc_put_range(c: &mut Criterion) {
             index += 1;
             let req = InternalRequest {
                 id: index,
+                header: None,
                 request: Some(Op::Put(PutRequest {
                     key: format!("/registry/pods/default/pod-{:06}", index % 100_000).into_bytes(),
                     value: vec![1u8; 256],

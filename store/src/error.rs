@@ -72,6 +72,42 @@ pub enum Error {
     #[error("etcdserver: the member has been permanently removed from the cluster")]
     MemberRemoved,
 
+    // ---- auth (etcd's texts) ----
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+
     // ---- availability: the request may be retried ----
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -116,6 +152,23 @@ impl Error {
                 | Error::RequestTooLarge
                 | Error::NoSpace
                 | Error::CorruptCluster
+                | Error::RootUserNotExist
+                | Error::RootRoleNotExist
+                | Error::UserAlreadyExist
+                | Error::UserEmpty
+                | Error::UserNotFound
+                | Error::RoleAlreadyExist
+                | Error::RoleNotFound
+                | Error::RoleEmpty
+                | Error::AuthFailed
+                | Error::PermissionNotGiven
+                | Error::PermissionDenied
+                | Error::RoleNotGranted
+                | Error::PermissionNotGranted
+                | Error::AuthNotEnabled
+                | Error::InvalidAuthToken
+                | Error::InvalidAuthMgmt
+                | Error::AuthOldRevision
         )
     }
 }

@@ -12,7 +12,9 @@
 //! operator's `pontoon snapshot` tooling; `metrics` the process-wide Prometheus
 //! registry.
 
+pub mod auth;
 pub mod backup;
+pub mod duration;
 pub mod error;
 pub mod lease;
 pub mod metrics;

@@ -392,3 +392,58 @@ pub fn grpc_status(e: &etcd_client::Error) -> (tonic::Code, String) {
         other => panic!("expected a gRPC status, got {other:?}"),
     }
 }
+
+/// Replaces what follows `pat` (up to the first char where `end` holds) with
+/// `<label>`, everywhere in `s`.
+pub fn mask(s: &str, pat: &str, label: &str, end: impl Fn(char) -> bool) -> String {
+    let mut res = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(pat) {
+        res.push_str(&rest[..i + pat.len()]);
+        rest = &rest[i + pat.len()..];
+        res.push_str(&format!("<{label}>"));
+        rest = &rest[rest.find(&end).unwrap_or(rest.len())..];
+    }
+    res.push_str(rest);
+    res
+}
+
+/// Masks what legitimately differs between two clusters: IDs and raft terms, and the
+/// timestamp and connection name in etcdctl's own log lines.
+pub fn normalize(s: &str) -> String {
+    let mut out = s.to_string();
+    for field in ["ts", "target"] {
+        out = mask(&out, &format!("\"{field}\":\""), field, |c| c == '"');
+    }
+    for field in ["cluster_id", "member_id", "raft_term"] {
+        out = mask(&out, &format!("\"{field}\":"), field, |c| {
+            !c.is_ascii_digit()
+        });
+    }
+    out
+}
+
+/// Runs `run` against a fresh real etcd and a fresh Pontoon and asserts that every
+/// step printed the same.
+pub fn must_match_etcd(run: impl Fn(&Member) -> Vec<String>) {
+    assert!(
+        have_etcd(),
+        "this test compares with real etcd: apt-get install -y etcd-server"
+    );
+    let want = run(&Member::start(Target::Etcd));
+    let got = run(&Member::start(Target::Pontoon));
+    assert_eq!(want.len(), got.len());
+    let diffs: Vec<String> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .map(|(w, g)| format!("--- etcd\n{w}--- pontoon\n{g}"))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} of {} steps differ:\n{}",
+        diffs.len(),
+        want.len(),
+        diffs.join("\n")
+    );
+}

@@ -25,6 +25,7 @@
 
 pub mod alarm;
 pub mod apply;
+pub mod auth;
 pub mod hash;
 pub mod history;
 pub mod key_index;
@@ -39,7 +40,7 @@ pub mod write;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use prost::Message;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -53,7 +54,9 @@ use pontoon_proto::internal::internal_request::Request as InternalOp;
 use pontoon_proto::internal::InternalRequest;
 use pontoon_proto::mvccpb::KeyValue;
 
+use crate::auth::{AuthInfo, AuthState};
 use crate::error::{Error, Result};
+pub use auth::TokenEffect;
 pub use key_index::KeyIndex;
 pub use members::MemberChange;
 pub use revision::Revision;
@@ -82,6 +85,8 @@ pub enum ApplyResponse {
     /// The member list after a membership change.
     Members(Vec<Member>),
     Alarm(AlarmResponse),
+    /// An auth management entry applied; what it asks of the token keeper.
+    Auth(TokenEffect),
 }
 
 /// What applying one entry did.
@@ -106,6 +111,8 @@ pub struct MvccStore {
     /// Held for writing while a snapshot replaces the key space; readers take it
     /// (briefly) to start a consistent read.
     install_lock: RwLock<()>,
+    /// The auth state as of the last applied entry (see `mvcc::auth`).
+    auth: RwLock<Arc<AuthState>>,
 }
 
 pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
@@ -163,9 +170,11 @@ impl MvccStore {
             no_space: AtomicBool::new(false),
             corrupt: AtomicBool::new(false),
             install_lock: RwLock::new(()),
+            auth: RwLock::new(Arc::new(AuthState::default())),
         };
         store.resume_install()?;
         store.refresh_alarm_cache()?;
+        store.reload_auth()?;
         Ok(store)
     }
 
@@ -236,6 +245,26 @@ impl MvccStore {
         if self.corrupt() && changes_keys(req.request.as_ref()) {
             return self.finish(index, batch, None, Err(Error::CorruptCluster));
         }
+        // Requests from clients carry a header (who asked); the members' own requests
+        // (lease expiry, alarms, auto-compaction) carry none and are not checked.
+        if let (Some(op), Some(header)) = (&req.request, &req.header) {
+            if let Err(e) = self.check_write(op, &AuthInfo::from(Some(header))) {
+                return self.finish(index, batch, None, Err(e));
+            }
+        }
+        if let Some(op) = &req.request {
+            if let Some(result) = self.apply_auth(index, op, &mut batch) {
+                return match result {
+                    Ok((state, effect)) => {
+                        let applied =
+                            self.finish(index, batch, None, Ok(ApplyResponse::Auth(effect)))?;
+                        self.install_auth(state);
+                        Ok(applied)
+                    }
+                    Err(e) => self.finish(index, WriteBatch::default(), None, Err(e)),
+                };
+            }
+        }
         let mut txn = write::WriteTxn::new(self);
         let compacted = self.compact_revision();
         let outcome = match &req.request {
@@ -301,6 +330,8 @@ impl MvccStore {
                 self.refresh_alarm_cache()?;
                 return Ok(applied);
             }
+            // Auth entries were applied above.
+            Some(_) => Err(Error::Corrupt(format!("entry {index}: unexpected request"))),
             None => Err(Error::Corrupt(format!("entry {index} carries no request"))),
         };
         match outcome {

@@ -290,7 +290,7 @@ impl MvccStore {
         self.current.store(current, Ordering::Release);
         self.compacted.store(compacted, Ordering::Release);
         self.applied.store(applied, Ordering::Release);
-        Ok(())
+        self.reload_auth()
     }
 }
 
@@ -403,6 +403,7 @@ mod tests {
     fn put(s: &MvccStore, index: u64, k: &str, v: &str) {
         let req = InternalRequest {
             id: index,
+            header: None,
             request: Some(Op::Put(PutRequest {
                 key: k.into(),
                 value: v.into(),

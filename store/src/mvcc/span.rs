@@ -32,6 +32,18 @@ impl KeySpan {
         }
     }
 
+    /// Back to etcd's `(key, range_end)` encoding.
+    pub fn key_and_range_end(&self) -> (&[u8], &[u8]) {
+        match self {
+            KeySpan::Single(k) => (k, &[]),
+            KeySpan::Interval { start, end: None } => (start, &[0]),
+            KeySpan::Interval {
+                start,
+                end: Some(e),
+            } => (start, e),
+        }
+    }
+
     pub fn start(&self) -> &[u8] {
         match self {
             KeySpan::Single(k) => k,

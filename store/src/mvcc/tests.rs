@@ -32,6 +32,7 @@ impl Harness {
         let req = InternalRequest {
             id: self.index,
             request: Some(op),
+            header: None,
         };
         self.store.apply(self.index, &req).unwrap().response
     }
@@ -375,6 +376,7 @@ fn state_survives_reopen() {
         let store = MvccStore::open(dir.path()).unwrap();
         let put = |i: u64, k: &str| InternalRequest {
             id: i,
+            header: None,
             request: Some(Op::Put(PutRequest {
                 key: k.into(),
                 value: b"v".to_vec(),

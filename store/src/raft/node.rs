@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 
 use pontoon_proto::etcdserverpb::Member;
 use pontoon_proto::internal::internal_request::Request as InternalOp;
-use pontoon_proto::internal::InternalRequest;
+use pontoon_proto::internal::{AuthHeader, InternalRequest};
 
 use super::logger::raft_logger;
 use super::storage::WalStorage;
@@ -57,6 +57,9 @@ pub trait StateObserver: Send + Sync {
     fn on_snapshot_installed(&self);
     /// This member was removed from the cluster: it must stop.
     fn on_removed(&self);
+    /// An auth entry applied: assign or drop tokens (they live outside the state
+    /// machine).
+    fn on_token(&self, effect: &crate::mvcc::TokenEffect);
 }
 
 /// Entries kept in the log after truncation, so a briefly lagging follower can catch
@@ -500,10 +503,21 @@ impl RaftNode {
 
     /// Proposes a write and waits until it is applied, returning the store's answer.
     pub async fn propose(&self, op: InternalOp) -> Result<ApplyResponse> {
+        self.propose_as(op, None).await
+    }
+
+    /// Proposes a client's request: `header` names who asked, and the entry is
+    /// checked against the auth state when it applies (`mvcc::auth`).
+    pub async fn propose_as(
+        &self,
+        op: InternalOp,
+        header: Option<AuthHeader>,
+    ) -> Result<ApplyResponse> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let data = InternalRequest {
             id,
             request: Some(op),
+            header,
         }
         .encode_to_vec();
         let rx = self.waiters.register(id);
@@ -541,6 +555,7 @@ impl RaftNode {
         InternalRequest {
             id: u64::MAX,
             request: Some(op.clone()),
+            header: None,
         }
         .encoded_len()
     }
@@ -1082,8 +1097,10 @@ impl Applier {
         if !applied.changes.is_empty() {
             self.observer.on_changes(applied.changes);
         }
-        if let Ok(ApplyResponse::Members(m)) = &applied.response {
-            self.observer.on_members(m);
+        match &applied.response {
+            Ok(ApplyResponse::Members(m)) => self.observer.on_members(m),
+            Ok(ApplyResponse::Auth(effect)) => self.observer.on_token(effect),
+            _ => {}
         }
         self.waiters.complete(req.id, applied.response);
         Ok(())

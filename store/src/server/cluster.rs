@@ -105,6 +105,7 @@ impl ClusterService {
     async fn forward_promote(
         &self,
         req: MemberPromoteRequest,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<MemberPromoteResponse, Status> {
         let leader = self.server.raft.status().leader();
         if leader == 0 {
@@ -114,7 +115,7 @@ impl ClusterService {
         let mut last = to_status(Error::NoLeader);
         for url in urls {
             match ClusterClient::connect(url).await {
-                Ok(mut c) => match c.member_promote(req).await {
+                Ok(mut c) => match c.member_promote(with_credentials(req, metadata)).await {
                     Ok(r) => return Ok(r.into_inner()),
                     Err(s) => return Err(s),
                 },
@@ -131,6 +132,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let req = req.into_inner();
         self.check_urls(&req.peer_ur_ls, None)?;
         let members = self.members()?;
@@ -171,6 +173,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let id = req.into_inner().id;
         let target = self.member(id)?;
         let voters = self.members()?.iter().filter(|m| !m.is_learner).count();
@@ -190,6 +193,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        let who = self.server.caller(&req)?;
+        self.server.check_admin(&who)?;
         let req = req.into_inner();
         self.member(req.id)?;
         self.check_urls(&req.peer_ur_ls, Some(req.id))?;
@@ -198,7 +203,7 @@ impl Cluster for ClusterService {
             peer_ur_ls: req.peer_ur_ls,
             ..Default::default()
         });
-        let members = match self.server.propose(op).await? {
+        let members = match self.server.propose(op, &who).await? {
             ApplyResponse::Members(ms) => ms,
             other => {
                 return Err(to_status(Error::Corrupt(format!(
@@ -229,13 +234,18 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
+        let metadata = req.metadata().clone();
         let req = req.into_inner();
         let target = self.member(req.id)?;
         if !target.is_learner {
             return Err(to_status(Error::MemberNotLearner));
         }
         if !self.server.raft.status().is_leader() {
-            return self.forward_promote(req).await.map(Response::new);
+            return self
+                .forward_promote(req, &metadata)
+                .await
+                .map(Response::new);
         }
         if !self.learner_ready(req.id).await? {
             return Err(to_status(Error::LearnerNotReady));
@@ -248,4 +258,15 @@ impl Cluster for ClusterService {
             members,
         }))
     }
+}
+
+/// A request to forward to another member, carrying the caller's token along.
+fn with_credentials<T>(msg: T, from: &tonic::metadata::MetadataMap) -> Request<T> {
+    let mut req = Request::new(msg);
+    for key in ["token", "authorization"] {
+        if let Some(v) = from.get(key) {
+            req.metadata_mut().insert(key, v.clone());
+        }
+    }
+    req
 }

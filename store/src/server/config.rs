@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+pub use crate::duration::parse_go_duration;
 use crate::error::{Error, Result};
 
 /// etcd's default backend quota: 2 GiB.
@@ -112,6 +113,16 @@ pub struct StoreArgs {
         default_value = "0s"
     )]
     pub experimental_corrupt_check_time: String,
+    /// Auth token type and options: `simple`, or
+    /// `jwt,pub-key=<path>,priv-key=<path>,sign-method=<RS256|ES256|...>[,ttl=5m]`.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Time (in seconds) of the auth token time-to-live (simple tokens).
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+    /// Strength of hashing auth passwords (bcrypt cost, 4..=31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -152,6 +163,10 @@ pub struct StoreConfig {
     pub watch_progress_notify_interval: Duration,
     /// `--experimental-corrupt-check-time`; `None` when disabled.
     pub corrupt_check_every: Option<Duration>,
+    /// `--auth-token` as given (parsed when the member starts).
+    pub auth_token: String,
+    pub auth_token_ttl: Duration,
+    pub bcrypt_cost: u32,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -192,40 +207,6 @@ pub fn listen_addrs(url: &str) -> Result<Vec<SocketAddr>> {
         return Err(Error::Config(format!("{url}: resolves to no address")));
     }
     Ok(addrs)
-}
-
-/// Parses a Go-style duration (`1h30m`, `5m`, `10s`, `500ms`).
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(value * unit);
-    }
-    Some(total)
 }
 
 fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction> {
@@ -377,6 +358,14 @@ impl StoreArgs {
                 })?)
                 .filter(|d| !d.is_zero()),
             },
+            auth_token: self.auth_token.clone(),
+            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
+            // etcd falls back to its default for a cost bcrypt does not accept.
+            bcrypt_cost: if (4..=31).contains(&self.bcrypt_cost) {
+                self.bcrypt_cost
+            } else {
+                crate::auth::password::DEFAULT_COST
+            },
             watch_progress_notify_interval: parse_go_duration(
                 &self.experimental_watch_progress_notify_interval,
             )
@@ -394,15 +383,6 @@ impl StoreArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("10"), None);
-        assert_eq!(parse_go_duration("5x"), None);
-    }
 
     #[test]
     fn auto_compaction_modes() {

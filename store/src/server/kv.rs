@@ -33,21 +33,24 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         validate::check_range(&req).map_err(to_status)?;
         if !req.serializable {
             self.server.raft.read_index().await.map_err(to_status)?;
         }
+        self.server.check_read(&who, &req.key, &req.range_end)?;
         let mut resp = self.server.mvcc.range(&req).map_err(to_status)?;
         self.server.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         validate::check_put(&req).map_err(to_status)?;
         let op = InternalOp::Put(req);
-        let r = self.server.propose_for(op, |r| match r {
+        let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Put(p) => Ok(p),
             other => Err(other),
         });
@@ -58,10 +61,11 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         validate::check_delete(&req).map_err(to_status)?;
         let op = InternalOp::DeleteRange(req);
-        let r = self.server.propose_for(op, |r| match r {
+        let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::DeleteRange(d) => Ok(d),
             other => Err(other),
         });
@@ -69,10 +73,11 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
         let op = InternalOp::Txn(req);
-        let r = self.server.propose_for(op, |r| match r {
+        let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Txn(t) => Ok(t),
             other => Err(other),
         });
@@ -83,8 +88,9 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let op = InternalOp::Compaction(req.into_inner());
-        let r = self.server.propose_for(op, |r| match r {
+        let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Compaction(c) => Ok(c),
             other => Err(other),
         });

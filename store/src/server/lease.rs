@@ -72,6 +72,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let mut req = req.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(to_status(Error::LeaseTtlTooLarge));
@@ -82,7 +83,7 @@ impl Lease for LeaseService {
         }
         let r = self
             .server
-            .propose_for(InternalOp::LeaseGrant(req), |r| match r {
+            .propose_for(InternalOp::LeaseGrant(req), &who, |r| match r {
                 ApplyResponse::LeaseGrant(g) => Ok(g),
                 other => Err(other),
             })
@@ -99,11 +100,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         let id = req.id;
         let r = self
             .server
-            .propose_for(InternalOp::LeaseRevoke(req), |r| match r {
+            .propose_for(InternalOp::LeaseRevoke(req), &who, |r| match r {
                 ApplyResponse::LeaseRevoke(v) => Ok(v),
                 other => Err(other),
             })

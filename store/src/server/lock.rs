@@ -33,6 +33,7 @@ use pontoon_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockRe
 
 use super::status::to_status;
 use super::EtcdServer;
+use crate::auth::AuthInfo;
 use crate::mvcc::ApplyResponse;
 
 /// The smallest key after every key starting with `prefix` (etcd's GetPrefixRangeEnd).
@@ -93,15 +94,16 @@ pub struct Contention {
 }
 
 impl Contention {
-    async fn txn(&self, t: TxnRequest) -> Result<TxnResponse, Status> {
-        match self.server.propose(InternalOp::Txn(t)).await? {
+    async fn txn(&self, t: TxnRequest, who: &AuthInfo) -> Result<TxnResponse, Status> {
+        match self.server.propose(InternalOp::Txn(t), who).await? {
             ApplyResponse::Txn(r) => Ok(r),
             other => Err(Status::internal(format!("txn answered {other:?}"))),
         }
     }
 
-    async fn range(&self, r: RangeRequest) -> Result<Vec<KeyValue>, Status> {
+    async fn range(&self, r: RangeRequest, who: &AuthInfo) -> Result<Vec<KeyValue>, Status> {
         self.server.raft.read_index().await.map_err(to_status)?;
+        self.server.check_read(who, &r.key, &r.range_end)?;
         Ok(self.server.mvcc.range(&r).map_err(to_status)?.kvs)
     }
 
@@ -116,6 +118,7 @@ impl Contention {
         prefix: &[u8],
         lease: i64,
         value: &[u8],
+        who: &AuthInfo,
     ) -> Result<(Vec<u8>, KeyValue), Status> {
         let mut key = prefix.to_vec();
         key.extend_from_slice(format!("{lease:x}").as_bytes());
@@ -130,7 +133,7 @@ impl Contention {
             success: vec![op(Op::RequestPut(put)), op(Op::RequestRange(get(&key)))],
             failure: vec![op(Op::RequestRange(get(&key)))],
         };
-        let r = self.txn(t).await?;
+        let r = self.txn(t, who).await?;
         let idx = if r.succeeded { 1 } else { 0 };
         let kv = range_kvs(&r, idx)
             .pop()
@@ -139,18 +142,21 @@ impl Contention {
     }
 
     /// Waits until no key under `prefix` created before `rev` remains.
-    async fn wait_turn(&self, prefix: &[u8], rev: i64) -> Result<(), Status> {
+    async fn wait_turn(&self, prefix: &[u8], rev: i64, who: &AuthInfo) -> Result<(), Status> {
         let hub_rx = self.server.published.clone();
         let mut published = hub_rx.subscribe();
         loop {
             let older = self
-                .range(RangeRequest {
-                    key: prefix.to_vec(),
-                    range_end: prefix_end(prefix),
-                    max_create_revision: rev - 1,
-                    limit: 1,
-                    ..Default::default()
-                })
+                .range(
+                    RangeRequest {
+                        key: prefix.to_vec(),
+                        range_end: prefix_end(prefix),
+                        max_create_revision: rev - 1,
+                        limit: 1,
+                        ..Default::default()
+                    },
+                    who,
+                )
                 .await?;
             if older.is_empty() {
                 return Ok(());
@@ -179,12 +185,13 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
         let prefix = name_prefix(&req.name);
-        let (key, kv) = self.0.enter(&prefix, req.lease, b"").await?;
-        self.0.wait_turn(&prefix, kv.create_revision).await?;
+        let (key, kv) = self.0.enter(&prefix, req.lease, b"", &who).await?;
+        self.0.wait_turn(&prefix, kv.create_revision, &who).await?;
         // The holder's lease may have expired while it waited.
-        if self.0.range(get(&key)).await?.is_empty() {
+        if self.0.range(get(&key), &who).await?.is_empty() {
             return Err(Status::failed_precondition("etcdserver: session expired"));
         }
         Ok(Response::new(LockResponse {
@@ -197,12 +204,16 @@ impl Lock for LockService {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
         let d = DeleteRangeRequest {
             key: req.key,
             ..Default::default()
         };
-        self.0.server.propose(InternalOp::DeleteRange(d)).await?;
+        self.0
+            .server
+            .propose(InternalOp::DeleteRange(d), &who)
+            .await?;
         Ok(Response::new(UnlockResponse {
             header: self.0.header(),
         }))
@@ -216,8 +227,12 @@ impl ElectionService {
         ElectionService(Contention { server })
     }
 
-    async fn leader_kv(&self, name: &[u8]) -> Result<Option<KeyValue>, Status> {
-        Ok(self.0.range(first_created(&name_prefix(name))).await?.pop())
+    async fn leader_kv(&self, name: &[u8], who: &AuthInfo) -> Result<Option<KeyValue>, Status> {
+        Ok(self
+            .0
+            .range(first_created(&name_prefix(name)), who)
+            .await?
+            .pop())
     }
 }
 
@@ -231,22 +246,26 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
         let prefix = name_prefix(&req.name);
-        let (key, kv) = self.0.enter(&prefix, req.lease, &req.value).await?;
+        let (key, kv) = self.0.enter(&prefix, req.lease, &req.value, &who).await?;
         if kv.value != req.value {
             // Re-campaigning with a new value proclaims it, as etcd's recipe does.
             self.0
                 .server
-                .propose(InternalOp::Put(PutRequest {
-                    key: key.clone(),
-                    value: req.value.clone(),
-                    lease: req.lease,
-                    ..Default::default()
-                }))
+                .propose(
+                    InternalOp::Put(PutRequest {
+                        key: key.clone(),
+                        value: req.value.clone(),
+                        lease: req.lease,
+                        ..Default::default()
+                    }),
+                    &who,
+                )
                 .await?;
         }
-        self.0.wait_turn(&prefix, kv.create_revision).await?;
+        self.0.wait_turn(&prefix, kv.create_revision, &who).await?;
         Ok(Response::new(CampaignResponse {
             header: self.0.header(),
             leader: Some(LeaderKey {
@@ -262,6 +281,7 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
         let leader = req
             .leader
@@ -277,7 +297,7 @@ impl Election for ElectionService {
             success: vec![op(Op::RequestPut(put))],
             failure: vec![],
         };
-        if !self.0.txn(t).await?.succeeded {
+        if !self.0.txn(t, &who).await?.succeeded {
             return Err(not_leader());
         }
         Ok(Response::new(ProclaimResponse {
@@ -289,8 +309,9 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
-        match self.leader_kv(&req.name).await? {
+        match self.leader_kv(&req.name, &who).await? {
             Some(kv) => Ok(Response::new(LeaderResponse {
                 header: self.0.header(),
                 kv: Some(kv),
@@ -305,6 +326,7 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        let who = self.0.server.caller(&req)?;
         let name = req.into_inner().name;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = ElectionService(Contention {
@@ -314,7 +336,7 @@ impl Election for ElectionService {
             let mut published = this.0.server.published.subscribe();
             let mut last: Option<(Vec<u8>, i64)> = None;
             loop {
-                match this.leader_kv(&name).await {
+                match this.leader_kv(&name, &who).await {
                     Ok(Some(kv)) => {
                         let seen = Some((kv.key.clone(), kv.mod_revision));
                         if seen != last {
@@ -347,6 +369,7 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let who = self.0.server.caller(&req)?;
         let req = req.into_inner();
         let leader = req
             .leader
@@ -360,7 +383,7 @@ impl Election for ElectionService {
             success: vec![op(Op::RequestDeleteRange(del))],
             failure: vec![],
         };
-        self.0.txn(t).await?;
+        self.0.txn(t, &who).await?;
         Ok(Response::new(ResignResponse {
             header: self.0.header(),
         }))

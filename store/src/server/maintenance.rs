@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use pontoon_proto::etcdserverpb::alarm_request::AlarmAction;
 use pontoon_proto::etcdserverpb::maintenance_server::Maintenance;
 use pontoon_proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
@@ -48,8 +49,14 @@ pub(crate) fn alarm_text(a: i32) -> &'static str {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let who = self.server.caller(&req)?;
+        if req.get_ref().action != AlarmAction::Get as i32 {
+            // etcd lets anyone raise or clear alarms; Pontoon asks for root, so no
+            // ordinary user can disarm a NOSPACE or CORRUPT alarm.
+            self.server.check_admin(&who)?;
+        }
         let op = InternalOp::Alarm(req.into_inner());
-        let r = self.server.propose_for(op, |r| match r {
+        let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Alarm(a) => Ok(a),
             other => Err(other),
         });
@@ -86,8 +93,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _req: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let mvcc = self.server.mvcc.clone();
         tokio::task::spawn_blocking(move || mvcc.defragment())
             .await
@@ -98,7 +106,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let mvcc = self.server.mvcc.clone();
         let hash = tokio::task::spawn_blocking(move || mvcc.hash_all())
             .await
@@ -114,6 +123,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let rev = req.into_inner().revision;
         let mvcc = self.server.mvcc.clone();
         let (hash, compact_revision, hash_revision) =
@@ -133,8 +143,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _req: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let server = self.server.clone();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -194,6 +205,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         let target = req.into_inner().target_id;
         let s = &self.server;
         if !s.raft.status().is_leader() {
@@ -220,8 +232,9 @@ impl Maintenance for MaintenanceService {
 
     async fn downgrade(
         &self,
-        _req: Request<DowngradeRequest>,
+        req: Request<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
+        self.server.check_admin(&self.server.caller(&req)?)?;
         Err(Status::unimplemented("downgrade is not supported"))
     }
 }

@@ -4,6 +4,7 @@
 //! [`EtcdServer`] ties the MVCC store to the raft node and fills etcd's response
 //! header (cluster_id, member_id, revision, raft_term) on every answer.
 
+pub mod auth;
 pub mod cluster;
 pub mod compactor;
 pub mod config;
@@ -30,6 +31,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use pontoon_proto::etcdserverpb::alarm_request::AlarmAction;
+use pontoon_proto::etcdserverpb::auth_server::AuthServer;
 use pontoon_proto::etcdserverpb::cluster_server::ClusterServer;
 use pontoon_proto::etcdserverpb::kv_server::KvServer;
 use pontoon_proto::etcdserverpb::lease_server::LeaseServer;
@@ -38,15 +40,18 @@ use pontoon_proto::etcdserverpb::watch_server::WatchServer;
 use pontoon_proto::etcdserverpb::ResponseHeader;
 use pontoon_proto::etcdserverpb::{AlarmRequest, AlarmType, Member};
 use pontoon_proto::internal::internal_request::Request as InternalOp;
+use pontoon_proto::internal::AuthHeader;
 use pontoon_proto::peer::raft_peer_client::RaftPeerClient;
 use pontoon_proto::peer::raft_peer_server::RaftPeerServer;
 use pontoon_proto::peer::MembersRequest;
 use pontoon_proto::v3electionpb::election_server::ElectionServer;
 use pontoon_proto::v3lockpb::lock_server::LockServer;
 
+use crate::auth::token::TokenProvider;
+use crate::auth::AuthInfo;
 use crate::error::{Error, Result};
-use crate::mvcc::Change;
 use crate::mvcc::{ApplyResponse, MvccStore};
+use crate::mvcc::{Change, TokenEffect};
 use crate::raft::{Bootstrap, PeerTransport, RaftConfig, RaftNode, StateObserver};
 use crate::watch::WatchHub;
 pub use config::{StoreArgs, StoreConfig};
@@ -90,6 +95,11 @@ pub struct EtcdServer {
     peer_clients: tokio::sync::Mutex<
         std::collections::HashMap<u64, RaftPeerClient<tonic::transport::Channel>>,
     >,
+    /// `--auth-token`: simple tokens (assigned as `Authenticate` entries apply) or JWT.
+    pub tokens: Arc<TokenProvider>,
+    pub bcrypt_cost: u32,
+    /// `--client-cert-auth`: a verified client certificate's CN names the user.
+    pub client_cert_auth: bool,
 }
 
 /// Bytes a write is charged on top of its size for the quota (etcd's kv overhead).
@@ -115,8 +125,9 @@ impl EtcdServer {
         *header = Some(self.header(revision));
     }
 
-    /// Checks the size of a write and proposes it.
-    pub async fn propose(&self, op: InternalOp) -> Result<ApplyResponse, Status> {
+    /// Checks the size of a client's write and proposes it on behalf of `who`
+    /// (whose permissions are checked when the entry applies).
+    pub async fn propose(&self, op: InternalOp, who: &AuthInfo) -> Result<ApplyResponse, Status> {
         let size = RaftNode::proposal_size(&op);
         if size > self.max_request_bytes {
             return Err(to_status(Error::RequestTooLarge));
@@ -124,7 +135,14 @@ impl EtcdServer {
         if crate::mvcc::grows_store(Some(&op)) {
             self.check_quota(size as i64)?;
         }
-        self.raft.propose(op).await.map_err(to_status)
+        let header = AuthHeader {
+            username: who.username.clone(),
+            auth_revision: who.revision,
+        };
+        self.raft
+            .propose_as(op, Some(header))
+            .await
+            .map_err(to_status)
     }
 
     /// The backend size, measured at most every [`SIZE_CACHE_MS`].
@@ -213,9 +231,10 @@ impl EtcdServer {
     pub async fn propose_for<T: HasHeader>(
         &self,
         op: InternalOp,
+        who: &AuthInfo,
         pick: fn(ApplyResponse) -> Result<T, ApplyResponse>,
     ) -> Result<T, Status> {
-        let mut r = pick(self.propose(op).await?)
+        let mut r = pick(self.propose(op, who).await?)
             .map_err(|other| to_status(Error::Corrupt(format!("apply answered with {other:?}"))))?;
         self.fill_header(r.header_mut());
         Ok(r)
@@ -315,6 +334,7 @@ struct Observer {
     mvcc: Arc<MvccStore>,
     transport: Arc<PeerTransport>,
     fatal: mpsc::UnboundedSender<Error>,
+    tokens: Arc<TokenProvider>,
 }
 
 impl StateObserver for Observer {
@@ -334,6 +354,18 @@ impl StateObserver for Observer {
     fn on_removed(&self) {
         tracing::warn!("this member has been removed from the cluster; stopping");
         let _ = self.fatal.send(Error::MemberRemoved);
+    }
+    fn on_token(&self, effect: &TokenEffect) {
+        match effect {
+            TokenEffect::None => {}
+            TokenEffect::Assign { token, user } => {
+                if let TokenProvider::Simple(s) = self.tokens.as_ref() {
+                    s.assign(token.clone(), user);
+                }
+            }
+            TokenEffect::InvalidateUser(user) => self.tokens.invalidate_user(user),
+            TokenEffect::ClearAll => self.tokens.clear(),
+        }
     }
 }
 
@@ -439,11 +471,16 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         peers = known.iter().map(|m| (m.id, m.peer_ur_ls.clone())).collect();
     }
     transport.set_peers(&peers);
+    let tokens = Arc::new(TokenProvider::from_flag(
+        &cfg.auth_token,
+        cfg.auth_token_ttl,
+    )?);
     let observer = Arc::new(Observer {
         hub: hub.clone(),
         mvcc: mvcc.clone(),
         transport: transport.clone(),
         fatal: fatal_tx,
+        tokens: tokens.clone(),
     });
     let request_timeout = Duration::from_secs(5) + cfg.heartbeat * (2 * cfg.election_ticks as u32);
     let raft = RaftNode::start(
@@ -479,6 +516,9 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         size_cache: (AtomicI64::new(0), AtomicU64::new(0)),
         lessor: Arc::new(crate::lease::Lessor::default()),
         peer_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        tokens,
+        bcrypt_cost: cfg.bcrypt_cost,
+        client_cert_auth: false,
     });
     let lessor = server.lessor.clone();
     let expiry = tokio::spawn(lease::run_expiry(server.clone(), lessor.clone()));
@@ -536,7 +576,9 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         let maintenance =
             MaintenanceServer::new(maintenance::MaintenanceService::new(server.clone()))
                 .max_encoding_message_size(usize::MAX);
+        let auth = AuthServer::new(auth::AuthService::new(server.clone()));
         let grpc = tonic::service::Routes::new(kv)
+            .add_service(auth)
             .add_service(watch)
             .add_service(lease)
             .add_service(lock)

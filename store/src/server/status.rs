@@ -34,6 +34,23 @@ pub fn to_status(e: Error) -> Status {
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseExist => Code::FailedPrecondition,
         Error::LeaseTtlTooLarge => Code::OutOfRange,
+        Error::RootUserNotExist
+        | Error::RootRoleNotExist
+        | Error::UserAlreadyExist
+        | Error::UserNotFound
+        | Error::RoleAlreadyExist
+        | Error::RoleNotFound
+        | Error::RoleNotGranted
+        | Error::PermissionNotGranted
+        | Error::AuthNotEnabled => Code::FailedPrecondition,
+        Error::UserEmpty
+        | Error::RoleEmpty
+        | Error::AuthFailed
+        | Error::PermissionNotGiven
+        | Error::InvalidAuthMgmt
+        | Error::AuthOldRevision => Code::InvalidArgument,
+        Error::PermissionDenied => Code::PermissionDenied,
+        Error::InvalidAuthToken => Code::Unauthenticated,
         Error::NoLeader | Error::Timeout | Error::Stopped | Error::LeaderChanged => {
             Code::Unavailable
         }

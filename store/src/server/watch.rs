@@ -22,13 +22,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use pontoon_proto::authpb::permission::Type as PermType;
 use pontoon_proto::etcdserverpb::watch_create_request::FilterType;
 use pontoon_proto::etcdserverpb::watch_request::RequestUnion;
 use pontoon_proto::etcdserverpb::watch_server::Watch;
 use pontoon_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use pontoon_proto::mvccpb::{event::EventType, Event};
 
+use super::auth::Credentials;
 use super::EtcdServer;
+use crate::auth::AuthInfo;
 use crate::error::Error;
 use crate::mvcc::{Change, KeySpan};
 use crate::watch::WatchHub;
@@ -40,6 +43,9 @@ const HISTORY_BATCH: usize = 1000;
 const STREAM_BUFFER: usize = 128;
 
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+/// etcd's cancel reason for a watch the user may not read (a gRPC error's text).
+const PERMISSION_DENIED: &str =
+    "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
 pub struct WatchService {
     server: Arc<EtcdServer>,
@@ -67,6 +73,7 @@ impl Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStream {
+            creds: self.server.credentials(&req),
             server: self.server.clone(),
             hub: self.hub.clone(),
             tx,
@@ -88,6 +95,10 @@ struct Watcher {
     no_delete: bool,
     progress_notify: bool,
     fragment: bool,
+    /// The user that created the watcher, and the auth revision its read permission
+    /// was last confirmed at (`u64::MAX` with auth off).
+    user: String,
+    auth_checked: u64,
 }
 
 impl Watcher {
@@ -115,6 +126,8 @@ impl Watcher {
 struct Closed;
 
 struct WatchStream {
+    /// The stream's token or client certificate, looked up for each new watcher.
+    creds: Credentials,
     server: Arc<EtcdServer>,
     hub: Arc<WatchHub>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
@@ -207,6 +220,23 @@ impl WatchStream {
             }
             self.next_id
         };
+        // etcd's isWatchPermitted: read permission on the watched range.
+        let auth = self.server.mvcc.auth();
+        let mut user = String::new();
+        if auth.enabled {
+            let who = self.server.resolve(&self.creds);
+            let permitted = who
+                .as_ref()
+                .is_ok_and(|who| auth.check(who, &key, &c.range_end, PermType::Read).is_ok());
+            if !permitted {
+                let mut r = self.response(c.watch_id, current);
+                r.created = true;
+                r.canceled = true;
+                r.cancel_reason = PERMISSION_DENIED.into();
+                return self.send(r).await;
+            }
+            user = who.map(|w| w.username).unwrap_or_default();
+        }
         let filters: Vec<_> = c
             .filters
             .iter()
@@ -226,6 +256,12 @@ impl WatchStream {
                 no_delete: filters.contains(&FilterType::Nodelete),
                 progress_notify: c.progress_notify,
                 fragment: c.fragment,
+                user,
+                auth_checked: if auth.enabled {
+                    auth.revision
+                } else {
+                    u64::MAX
+                },
             },
         );
         let mut r = self.response(id, current);
@@ -322,6 +358,14 @@ impl WatchStream {
             }
         };
         let fragment = w.fragment;
+        if !events.is_empty() && !self.still_permitted(id) {
+            self.watchers.remove(&id);
+            let mut r = self.response(id, target);
+            r.canceled = true;
+            r.cancel_reason = PERMISSION_DENIED.into();
+            self.send(r).await?;
+            return Ok(false);
+        }
         if let Some(w) = self.watchers.get_mut(&id) {
             w.next_rev = upto + 1;
         }
@@ -337,6 +381,35 @@ impl WatchStream {
             }
         }
         Ok(true)
+    }
+
+    /// Re-checks a watcher's read permission when the auth state changed since it was
+    /// last confirmed. etcd checks only when a watcher is created; Pontoon also stops
+    /// delivering to a watcher whose user lost the permission (or was deleted), so a
+    /// revoked permission takes effect on open watches too.
+    fn still_permitted(&mut self, id: i64) -> bool {
+        let auth = self.server.mvcc.auth();
+        let Some(w) = self.watchers.get_mut(&id) else {
+            return false;
+        };
+        if w.auth_checked == auth.revision || (!auth.enabled && w.auth_checked == u64::MAX) {
+            return true;
+        }
+        let who = AuthInfo {
+            username: w.user.clone(),
+            revision: if w.user.is_empty() { 0 } else { auth.revision },
+        };
+        let (start, end) = w.span.key_and_range_end();
+        if auth.check(&who, start, end, PermType::Read).is_ok() {
+            w.auth_checked = if auth.enabled {
+                auth.revision
+            } else {
+                u64::MAX
+            };
+            true
+        } else {
+            false
+        }
     }
 
     /// The revision every watcher of this stream has seen everything up to.
