@@ -6,16 +6,21 @@
 //! - [`cluster`]: local processes, peer proxies, kill / pause / partition;
 //! - [`history`]: operations as clients saw them (ok / fail / indeterminate);
 //! - [`checker`]: linearizability of per-key registers (Wing-Gong-Lowe);
+//! - [`append`], [`elle`]: list-append transactions and their dependency-cycle
+//!   checker (G0, G1a, G1b, G1c, G2, and their real-time variants);
 //! - [`timeline`]: an SVG picture of a failing sub-history.
 //!
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
-//! keys, checked for linearizability) and `watch` (watchers resuming across faults,
-//! checked for etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
-//! `partition`, `membership`. Not yet (issue 5): list-append, lease and lock
-//! workloads; a compaction nemesis.
+//! keys, checked for linearizability), `append` (multi-key transactions, checked for
+//! strict serializability) and `watch` (watchers resuming across faults, checked for
+//! etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
+//! `partition`, `membership`. Not yet (issue 5): lease and lock workloads; a
+//! compaction nemesis.
 
+pub mod append;
 pub mod checker;
 pub mod cluster;
+pub mod elle;
 pub mod history;
 pub mod rng;
 pub mod timeline;
@@ -64,6 +69,8 @@ impl std::str::FromStr for Fault {
 pub enum Workload {
     Register,
     Watch,
+    /// List-append transactions, checked Elle-style ([`append`], [`elle`]).
+    Append,
 }
 
 impl std::str::FromStr for Workload {
@@ -72,7 +79,10 @@ impl std::str::FromStr for Workload {
         match s {
             "register" => Ok(Workload::Register),
             "watch" => Ok(Workload::Watch),
-            other => Err(format!("unknown workload {other:?} (register, watch)")),
+            "append" => Ok(Workload::Append),
+            other => Err(format!(
+                "unknown workload {other:?} (register, watch, append)"
+            )),
         }
     }
 }
@@ -114,6 +124,8 @@ pub struct Report {
     pub faults: Vec<String>,
     pub check_time: Duration,
     pub recovered: bool,
+    /// Findings that are not violations (expected caveats, statistics).
+    pub notes: Vec<String>,
 }
 
 /// How long a set of keys is used before clients move to fresh ones.
@@ -121,15 +133,26 @@ const KEY_GENERATION: Duration = Duration::from_secs(5);
 
 /// A monotonic clock shared by all clients of a run.
 #[derive(Clone)]
-struct Clock(Instant);
+pub struct Clock(Instant);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Clock {
-    fn now(&self) -> u64 {
+    pub fn new() -> Self {
+        Clock(Instant::now())
+    }
+    /// Nanoseconds since the run started.
+    pub fn now(&self) -> u64 {
         self.0.elapsed().as_nanos() as u64
     }
 }
 
-fn is_definite_failure(e: &etcd_client::Error) -> bool {
+/// Whether a failed request certainly had no effect.
+pub(crate) fn is_definite_failure(e: &etcd_client::Error) -> bool {
     match e {
         // The connection could not be made: the request never left.
         etcd_client::Error::GRpcStatus(s)
@@ -354,7 +377,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
     let shared = Arc::new(Shared {
-        clock: Clock(Instant::now()),
+        clock: Clock::new(),
         history: Mutex::new(History::default()),
         next_value: AtomicU64::new(1),
         last: Mutex::new(vec![0; cfg.keys]),
@@ -367,8 +390,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         until,
         faults.clone(),
     ));
-    if cfg.workload == Workload::Watch {
-        return run_watch(cfg, cluster, endpoints, until, nemesis, faults).await;
+    match cfg.workload {
+        Workload::Watch => return run_watch(cfg, cluster, endpoints, until, nemesis, faults).await,
+        Workload::Append => {
+            return run_append(cfg, cluster, endpoints, until, nemesis, faults).await
+        }
+        Workload::Register => {}
     }
     let clients: Vec<_> = (0..cfg.clients)
         .map(|i| {
@@ -433,6 +460,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         faults,
         check_time,
         recovered,
+        notes: Vec::new(),
     };
     write_report(&cfg, &report)?;
     Ok(report)
@@ -521,6 +549,103 @@ async fn run_watch(
         faults: faults.lock().expect("lock").clone(),
         check_time: started.elapsed(),
         recovered,
+        notes: Vec::new(),
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// Heals every fault; true if every member then serves again.
+async fn heal_and_wait(cluster: &tokio::sync::Mutex<Cluster>) -> anyhow::Result<bool> {
+    let mut c = cluster.lock().await;
+    c.heal()?;
+    Ok(c.wait_healthy(Duration::from_secs(60)).await.is_ok())
+}
+
+/// Prints counts every 5 s while a workload runs.
+fn progress(
+    count: impl Fn() -> (usize, usize, usize) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (ok, failed, info) = count();
+            eprintln!(
+                "{:>6.1}s: {ok} ok, {failed} failed, {info} indeterminate",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })
+}
+
+fn count_by<T>(items: &[T], status: impl Fn(&T) -> Status) -> (usize, usize, usize) {
+    let mut c = (0, 0, 0);
+    for i in items {
+        match status(i) {
+            Status::Ok => c.0 += 1,
+            Status::Fail => c.1 += 1,
+            Status::Info => c.2 += 1,
+        }
+    }
+    c
+}
+
+/// The list-append workload: transactions checked Elle-style.
+async fn run_append(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Report> {
+    let shared = Arc::new(append::Shared::new(Clock::new()));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(append::client(
+                shared.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let shared = shared.clone();
+        progress(move || count_by(&shared.history.lock().expect("lock"), |t| t.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    let history = std::mem::take(&mut *shared.history.lock().expect("lock"));
+    append::write_history(&history, &cfg.report_dir.join("history.jsonl"))?;
+    let (ok, failed, indeterminate) = count_by(&history, |t| t.status);
+    eprintln!(
+        "checking {} transactions ({ok} ok, {failed} failed, {indeterminate} indeterminate)",
+        history.len()
+    );
+    let started = Instant::now();
+    let anomalies = tokio::task::spawn_blocking(move || elle::check(&history)).await?;
+    let check_time = started.elapsed();
+    let notes = vec![format!("anomaly kinds: {:?}", elle::kinds(&anomalies))];
+    let report = Report {
+        verdict: if anomalies.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(anomalies.iter().map(ToString::to_string).collect())
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").clone(),
+        check_time,
+        recovered,
+        notes,
     };
     write_report(&cfg, &report)?;
     Ok(report)
@@ -540,7 +665,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
         }
         Verdict::Unknown { reason } => format!("unknown: {reason}"),
         Verdict::Violations(problems) => {
-            let mut text = format!("INVALID: {} watch guarantee violations:\n", problems.len());
+            let mut text = format!("INVALID: {} violations:\n", problems.len());
             for p in problems.iter().take(50) {
                 text.push_str(&format!("  {p}\n"));
             }
@@ -549,7 +674,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
     };
     let summary = format!(
         "workload: {:?}\ntarget: {:?}\nnodes: {}\nnemesis: {:?}\nseed: {}\nops: {} ok, {} failed, {} indeterminate\n\
-         recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nfaults:\n{}\n",
+         recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nnotes:\n{}\nfaults:\n{}\n",
         cfg.workload,
         cfg.target,
         cfg.nodes,
@@ -560,6 +685,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
         r.indeterminate,
         r.recovered,
         r.check_time,
+        r.notes.join("\n"),
         r.faults.join("\n")
     );
     std::fs::write(cfg.report_dir.join("results.txt"), &summary)?;

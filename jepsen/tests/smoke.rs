@@ -1,5 +1,6 @@
 //! The short runs of the default test suite: Pontoon under kill and partition faults
-//! is linearizable, real etcd 3.4 under the same faults is too, and stale
+//! is linearizable (and strict serializable for list-append transactions), real etcd
+//! 3.4 under the same faults is too, and stale
 //! (serializable) reads under partitions are caught. Longer runs: see jepsen/README.md.
 
 use std::path::PathBuf;
@@ -104,4 +105,20 @@ async fn pontoon_watchers_lose_nothing_under_kill_and_partition() {
     let r = run(cfg).await.unwrap();
     assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
     assert!(r.ok > 500, "enough writes: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pontoon_list_append_is_strict_serializable_under_kill_and_partition() {
+    let mut cfg = config(
+        Target::Pontoon,
+        vec![Fault::Kill, Fault::Partition],
+        18,
+        "append",
+    );
+    cfg.workload = Workload::Append;
+    cfg.rate = 200;
+    let r = run(cfg).await.unwrap();
+    assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
+    assert!(r.recovered);
+    assert!(r.ok > 500, "enough committed transactions: {r:?}");
 }
