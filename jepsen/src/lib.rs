@@ -8,20 +8,23 @@
 //! - [`checker`]: linearizability of per-key registers (Wing-Gong-Lowe);
 //! - [`append`], [`elle`]: list-append transactions and their dependency-cycle
 //!   checker (G0, G1a, G1b, G1c, G2, and their real-time variants);
+//! - [`lease`], [`lock`]: lease expiry and revocation, and v3lock mutual exclusion
+//!   (separating the overlaps any lease-based lock allows from real violations);
 //! - [`timeline`]: an SVG picture of a failing sub-history.
 //!
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
 //! keys, checked for linearizability), `append` (multi-key transactions, checked for
-//! strict serializability) and `watch` (watchers resuming across faults, checked for
-//! etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
-//! `partition`, `membership`. Not yet (issue 5): lease and lock workloads; a
-//! compaction nemesis.
+//! strict serializability), `watch` (watchers resuming across faults, checked for
+//! etcd's watch guarantees, see [`watch`]), `lease` and `lock`. Nemeses: `kill`,
+//! `pause`, `partition`, `membership`.
 
 pub mod append;
 pub mod checker;
 pub mod cluster;
 pub mod elle;
 pub mod history;
+pub mod lease;
+pub mod lock;
 pub mod rng;
 pub mod timeline;
 pub mod watch;
@@ -71,6 +74,10 @@ pub enum Workload {
     Watch,
     /// List-append transactions, checked Elle-style ([`append`], [`elle`]).
     Append,
+    /// Keys on leases that are kept alive, revoked or left to expire ([`lease`]).
+    Lease,
+    /// Mutual exclusion through the v3lock API ([`lock`]).
+    Lock,
 }
 
 impl std::str::FromStr for Workload {
@@ -80,8 +87,10 @@ impl std::str::FromStr for Workload {
             "register" => Ok(Workload::Register),
             "watch" => Ok(Workload::Watch),
             "append" => Ok(Workload::Append),
+            "lease" => Ok(Workload::Lease),
+            "lock" => Ok(Workload::Lock),
             other => Err(format!(
-                "unknown workload {other:?} (register, watch, append)"
+                "unknown workload {other:?} (register, watch, append, lease, lock)"
             )),
         }
     }
@@ -395,6 +404,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         Workload::Append => {
             return run_append(cfg, cluster, endpoints, until, nemesis, faults).await
         }
+        Workload::Lease => return run_lease(cfg, cluster, endpoints, until, nemesis, faults).await,
+        Workload::Lock => return run_lock(cfg, cluster, endpoints, until, nemesis, faults).await,
         Workload::Register => {}
     }
     let clients: Vec<_> = (0..cfg.clients)
@@ -644,6 +655,137 @@ async fn run_append(
         indeterminate,
         faults: faults.lock().expect("lock").clone(),
         check_time,
+        recovered,
+        notes,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// The lease workload: keys on leases, checked against revokes and TTLs.
+async fn run_lease(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Report> {
+    let rec = Arc::new(lease::Recorder::new(Clock::new(), cfg.seed));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(lease::client(
+                rec.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let rec = rec.clone();
+        progress(move || count_by(&rec.ops.lock().expect("lock"), |o| o.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    let left = lease::drain(endpoints).await;
+    rec.write_history(&cfg.report_dir.join("history.jsonl"))?;
+    let ops = rec.ops.lock().expect("lock").clone();
+    let (ok, failed, indeterminate) = count_by(&ops, |o| o.status);
+    let started = Instant::now();
+    let (mut violations, notes) = lease::check(&ops);
+    if !left.is_empty() {
+        violations.push(format!(
+            "{} keys were still there {:?} after the run ended and the faults healed (leases {:x?})",
+            left.len(),
+            lease::DRAIN,
+            &left[..left.len().min(10)]
+        ));
+    }
+    let report = Report {
+        verdict: if violations.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(violations)
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").clone(),
+        check_time: started.elapsed(),
+        recovered,
+        notes,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// The lock workload: holds through the Lock API, checked for overlaps.
+async fn run_lock(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Report> {
+    let shared = Arc::new(lock::Shared {
+        leases: lease::Recorder::new(Clock::new(), cfg.seed),
+        locks: Mutex::new(Vec::new()),
+    });
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(lock::client(
+                shared.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let shared = shared.clone();
+        progress(move || count_by(&shared.locks.lock().expect("lock"), |o| o.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    shared
+        .leases
+        .write_history(&cfg.report_dir.join("lease-history.jsonl"))?;
+    let locks = shared.locks.lock().expect("lock").clone();
+    {
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(cfg.report_dir.join("history.jsonl"))?);
+        for o in &locks {
+            serde_json::to_writer(&mut f, o)?;
+            std::io::Write::write_all(&mut f, b"\n")?;
+        }
+    }
+    let leases = shared.leases.ops.lock().expect("lock").clone();
+    let (ok, failed, indeterminate) = count_by(&locks, |o| o.status);
+    let started = Instant::now();
+    let (violations, notes) = lock::check(&locks, &leases);
+    let report = Report {
+        verdict: if violations.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(violations)
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").clone(),
+        check_time: started.elapsed(),
         recovered,
         notes,
     };
