@@ -25,6 +25,7 @@ pub mod elle;
 pub mod history;
 pub mod lease;
 pub mod lock;
+pub mod nemesis;
 pub mod rng;
 pub mod timeline;
 pub mod watch;
@@ -41,32 +42,7 @@ use cluster::{Cluster, Target};
 use history::{Call, History, Op, Ret, Status};
 use rng::Rng;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// kill -9 a member (the leader half of the time), restart it after the interval.
-    Kill,
-    /// SIGSTOP a member, SIGCONT after the interval.
-    Pause,
-    /// Cut a member (the leader half of the time) off from its peers.
-    Partition,
-    /// Remove a member (the leader half of the time), wipe it, add it back.
-    Membership,
-}
-
-impl std::str::FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            "membership" => Ok(Fault::Membership),
-            other => Err(format!(
-                "unknown nemesis {other:?} (kill, pause, partition, membership)"
-            )),
-        }
-    }
-}
+pub use nemesis::Fault;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -308,73 +284,6 @@ async fn run_client(
     }
 }
 
-/// Runs the nemesis until `until`: a fault every other interval, healed after one.
-async fn run_nemesis(
-    cluster: Arc<tokio::sync::Mutex<Cluster>>,
-    cfg: RunConfig,
-    until: Instant,
-    log: Arc<Mutex<Vec<String>>>,
-) {
-    if cfg.nemesis.is_empty() {
-        return;
-    }
-    let mut rng = Rng::new(cfg.seed.wrapping_add(7));
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(cfg.fault_interval).await;
-        if Instant::now() + cfg.fault_interval > until {
-            return;
-        }
-        let fault = cfg.nemesis[rng.below(cfg.nemesis.len() as u64) as usize];
-        let mut c = cluster.lock().await;
-        let n = c.nodes.len();
-        let leader = c.leader().await;
-        let target = match (fault, leader, rng.below(2)) {
-            (Fault::Pause, _, _) | (_, None, _) | (_, _, 0) => rng.below(n as u64) as usize,
-            (_, Some(l), _) => l,
-        };
-        let what = match fault {
-            Fault::Kill => {
-                c.kill(target);
-                "kill -9"
-            }
-            Fault::Pause => {
-                c.pause(target);
-                "pause"
-            }
-            Fault::Partition => {
-                c.isolate(target);
-                "isolate"
-            }
-            Fault::Membership => match c.remove_and_readd(target).await {
-                Ok(()) => "remove and re-add",
-                Err(e) => {
-                    eprintln!("nemesis: membership change failed: {e:#}");
-                    "membership change failed for"
-                }
-            },
-        };
-        let is_leader = leader == Some(target);
-        let line = format!(
-            "{:>6.1}s {what} {}{}",
-            started.elapsed().as_secs_f64(),
-            c.nodes[target].name,
-            if is_leader { " (leader)" } else { "" }
-        );
-        eprintln!("nemesis: {line}");
-        log.lock().expect("lock").push(line);
-        drop(c);
-        tokio::time::sleep(cfg.fault_interval).await;
-        let mut c = cluster.lock().await;
-        if let Err(e) = c.heal() {
-            eprintln!("nemesis: heal failed: {e}");
-        }
-        log.lock()
-            .expect("lock")
-            .push(format!("{:>6.1}s heal", started.elapsed().as_secs_f64()));
-    }
-}
-
 /// Runs one test and writes its report directory.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&cfg.report_dir)?;
@@ -392,10 +301,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         last: Mutex::new(vec![0; cfg.keys]),
     });
     let until = Instant::now() + cfg.time;
-    let faults = Arc::new(Mutex::new(Vec::new()));
-    let nemesis = tokio::spawn(run_nemesis(
+    let faults = Arc::new(Mutex::new(nemesis::Log::default()));
+    let nemesis = tokio::spawn(nemesis::run(
         cluster.clone(),
-        cfg.clone(),
+        cfg.nemesis.clone(),
+        cfg.fault_interval,
+        cfg.seed,
         until,
         faults.clone(),
     ));
@@ -462,7 +373,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let budget = cfg.check_budget;
     let verdict = tokio::task::spawn_blocking(move || checker::check(&ops, budget)).await?;
     let check_time = started.elapsed();
-    let faults = faults.lock().expect("lock").clone();
+    let faults = faults.lock().expect("lock").lines.clone();
     let report = Report {
         verdict,
         ok: history.count(Status::Ok),
@@ -484,12 +395,13 @@ async fn run_watch(
     endpoints: Vec<String>,
     until: Instant,
     nemesis: tokio::task::JoinHandle<()>,
-    faults: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<nemesis::Log>>,
 ) -> anyhow::Result<Report> {
     let writers_n = (cfg.clients / 2).max(1);
     let watchers_n = (cfg.clients - writers_n).max(1);
     let out = Arc::new(Mutex::new(watch::WatchHistory {
         watchers: vec![Vec::new(); watchers_n],
+        gaps: vec![Vec::new(); watchers_n],
         ..Default::default()
     }));
     let final_rev = Arc::new(Mutex::new(None));
@@ -514,6 +426,7 @@ async fn run_watch(
                 i,
                 final_rev.clone(),
                 give_up,
+                cfg.nemesis.contains(&Fault::Compact).then_some(cfg.seed),
                 out.clone(),
             ))
         })
@@ -539,14 +452,16 @@ async fn run_watch(
         let _ = w.await;
     }
     let started = Instant::now();
-    let h = std::mem::take(&mut *out.lock().expect("lock"));
+    let mut h = std::mem::take(&mut *out.lock().expect("lock"));
+    h.compactions = faults.lock().expect("lock").compactions.clone();
     let problems = watch::check(&h, last);
     let events: usize = h.watchers.iter().map(Vec::len).sum();
     eprintln!(
-        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects",
+        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects, {} compacted gaps",
         h.acked.len(),
         h.watchers.len(),
-        h.reconnects
+        h.reconnects,
+        h.gaps.iter().map(Vec::len).sum::<usize>()
     );
     let report = Report {
         verdict: if problems.is_empty() {
@@ -557,7 +472,7 @@ async fn run_watch(
         ok: h.acked.len(),
         failed: 0,
         indeterminate: 0,
-        faults: faults.lock().expect("lock").clone(),
+        faults: faults.lock().expect("lock").lines.clone(),
         check_time: started.elapsed(),
         recovered,
         notes: Vec::new(),
@@ -609,7 +524,7 @@ async fn run_append(
     endpoints: Vec<String>,
     until: Instant,
     nemesis: tokio::task::JoinHandle<()>,
-    faults: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<nemesis::Log>>,
 ) -> anyhow::Result<Report> {
     let shared = Arc::new(append::Shared::new(Clock::new()));
     let clients: Vec<_> = (0..cfg.clients)
@@ -653,7 +568,7 @@ async fn run_append(
         ok,
         failed,
         indeterminate,
-        faults: faults.lock().expect("lock").clone(),
+        faults: faults.lock().expect("lock").lines.clone(),
         check_time,
         recovered,
         notes,
@@ -669,7 +584,7 @@ async fn run_lease(
     endpoints: Vec<String>,
     until: Instant,
     nemesis: tokio::task::JoinHandle<()>,
-    faults: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<nemesis::Log>>,
 ) -> anyhow::Result<Report> {
     let rec = Arc::new(lease::Recorder::new(Clock::new(), cfg.seed));
     let clients: Vec<_> = (0..cfg.clients)
@@ -716,7 +631,7 @@ async fn run_lease(
         ok,
         failed,
         indeterminate,
-        faults: faults.lock().expect("lock").clone(),
+        faults: faults.lock().expect("lock").lines.clone(),
         check_time: started.elapsed(),
         recovered,
         notes,
@@ -732,7 +647,7 @@ async fn run_lock(
     endpoints: Vec<String>,
     until: Instant,
     nemesis: tokio::task::JoinHandle<()>,
-    faults: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<nemesis::Log>>,
 ) -> anyhow::Result<Report> {
     let shared = Arc::new(lock::Shared {
         leases: lease::Recorder::new(Clock::new(), cfg.seed),
@@ -784,7 +699,7 @@ async fn run_lock(
         ok,
         failed,
         indeterminate,
-        faults: faults.lock().expect("lock").clone(),
+        faults: faults.lock().expect("lock").lines.clone(),
         check_time: started.elapsed(),
         recovered,
         notes,
