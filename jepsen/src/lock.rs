@@ -11,12 +11,13 @@
 //!
 //! - **excused**: at the moment both claimed the lock, one holder's lease cannot be
 //!   shown alive (reported as a note);
-//! - **violation**: both leases are shown alive then. A lease is shown alive at `t`
-//!   by its grant or an acknowledged keep-alive invoked at most TTL before `t`, or by
-//!   a keep-alive acknowledged with a positive TTL, or a successful fenced write,
-//!   invoked after `t` (leases never come back). Caveat: etcd 3.4 lets a leader that
-//!   was deposed but does not know it yet acknowledge keep-alives, so a violation
-//!   during a partition should be read with that in mind.
+//! - **violation**: both leases are shown alive then, by requests that went through
+//!   raft: a lease is alive until its grant's invocation + TTL (the leader counts
+//!   the TTL from when it applies the grant, and a new leader only extends it), and
+//!   at any time before the invocation of a fenced write of its holder that
+//!   succeeded (the write required the holder's lock key, which dies with the lease,
+//!   to exist; leases never come back). Keep-alive acknowledgements are not used: a
+//!   leader that was deposed but does not know it yet may still give them.
 //!
 //! **Fencing**: inside its hold a client puts a value with a Txn that requires its
 //! lock key (which names its lease) to still exist. A refused fence means the lock
@@ -157,7 +158,7 @@ pub async fn client(
         })
         .await;
         if let (Some(true), Some(k)) = (lock, locked_key) {
-            tokio::time::sleep(Duration::from_millis(20 + rng.below(150))).await;
+            tokio::time::sleep(Duration::from_millis(50 + rng.below(450))).await;
             let fence = Txn::new()
                 .when([Compare::version(k.clone(), CompareOp::Greater, 0)])
                 .and_then([TxnOp::put(FENCED_KEY, format!("{lease:x}"), None)]);
@@ -195,19 +196,11 @@ struct Hold {
 
 /// Checks lock and lease operations; returns (violations, notes).
 pub fn check(locks: &[LockOp], leases: &[LeaseOp]) -> (Vec<String>, Vec<String>) {
-    // Moments each lease is known alive: (invoke, ttl in ns) of grants and
-    // acknowledged keep-alives and successful fences.
-    let ttl_ns = TTL as u64 * 1_000_000_000;
-    let mut proofs: HashMap<i64, Vec<u64>> = HashMap::new();
+    // When each lease was granted (invoked), and its TTL in ns.
+    let mut granted: HashMap<i64, (u64, u64)> = HashMap::new();
     for o in leases {
-        match (&o.call, &o.ret) {
-            (Call::Grant { lease, .. }, Some(Ret::Ttl(_))) => {
-                proofs.entry(*lease).or_default().push(o.invoke)
-            }
-            (Call::KeepAlive { lease }, Some(Ret::Ttl(ttl))) if *ttl > 0 => {
-                proofs.entry(*lease).or_default().push(o.invoke)
-            }
-            _ => {}
+        if let (Call::Grant { lease, ttl }, Some(Ret::Ttl(_))) = (&o.call, &o.ret) {
+            granted.insert(*lease, (o.invoke, *ttl as u64 * 1_000_000_000));
         }
     }
     let mut fenced_ok: HashMap<i64, Vec<u64>> = HashMap::new();
@@ -222,9 +215,7 @@ pub fn check(locks: &[LockOp], leases: &[LeaseOp]) -> (Vec<String>, Vec<String>)
         }
     }
     let alive_at = |lease: i64, t: u64| {
-        proofs
-            .get(&lease)
-            .is_some_and(|p| p.iter().any(|&i| (i <= t && t < i + ttl_ns) || i >= t))
+        granted.get(&lease).is_some_and(|&(g, ttl)| t < g + ttl)
             || fenced_ok
                 .get(&lease)
                 .is_some_and(|f| f.iter().any(|&i| i >= t))
