@@ -151,3 +151,22 @@ async fn pontoon_lock_holds_never_overlap_unexcused_under_pause() {
     assert!(r.recovered);
     assert!(r.ok > 30, "enough lock operations: {r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_list_append_is_strict_serializable_under_kill_and_partition() {
+    if !have_etcd() {
+        eprintln!("etcd not installed; skipping");
+        return;
+    }
+    let mut cfg = config(
+        Target::Etcd,
+        vec![Fault::Kill, Fault::Partition],
+        12,
+        "etcd-append",
+    );
+    cfg.workload = Workload::Append;
+    cfg.rate = 200;
+    let r = run(cfg).await.unwrap();
+    assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
+    assert!(r.recovered);
+}
