@@ -9,16 +9,28 @@ cargo build --workspace
 J=./target/debug/pontoon-jepsen
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then J="$CARGO_TARGET_DIR/debug/pontoon-jepsen"; fi
 status=0
+run() {
+  local dir="$1"; shift
+  echo "== $* -> $dir"
+  if ! "$J" "$@" --report "$dir"; then
+    status=1
+  fi
+}
 for target in pontoon etcd; do
-  for nemesis in kill pause partition kill,pause,partition; do
+  for nemesis in kill pause partition kill,pause,partition \
+      kill-majority,kill-all partition-majority,bridge; do
     for seed in 1 2; do
-      dir="jepsen-report/$target-${nemesis//,/+}-$seed"
-      echo "== $target, nemesis $nemesis, seed $seed -> $dir"
-      if ! "$J" --target "$target" --nodes 3 --nemesis "$nemesis" --time "$TIME" \
-          --rate 500 --seed "$seed" --report "$dir"; then
-        status=1
-      fi
+      run "jepsen-report/$target-register-${nemesis//,/+}-$seed" --target "$target" \
+        --workload register --nemesis "$nemesis" --time "$TIME" --rate 500 --seed "$seed"
+      run "jepsen-report/$target-append-${nemesis//,/+}-$seed" --target "$target" \
+        --workload append --nemesis "$nemesis" --time "$TIME" --rate 250 --keys 6 --seed "$seed"
     done
   done
+  run "jepsen-report/$target-watch-compact" --target "$target" --workload watch \
+    --nemesis compact,kill,partition --fault-interval 2 --time "$TIME" --clients 8 --keys 20
+  run "jepsen-report/$target-lease" --target "$target" --workload lease \
+    --nemesis kill,pause,partition,partition-majority --time "$TIME" --clients 6
+  run "jepsen-report/$target-lock" --target "$target" --workload lock \
+    --nemesis pause,partition-majority,kill --time "$TIME" --clients 5
 done
 exit $status

@@ -2,17 +2,20 @@
 //! inject into it: `kill -9` and restart, SIGSTOP / SIGCONT, and network partitions.
 //!
 //! Partitions need no root: every member advertises a peer URL that points at a
-//! proxy the harness owns, which forwards to the member's real peer listener. Cutting
-//! a member off closes its proxy's connections and refuses new ones, so the member
-//! hears nothing from its peers (its own messages still leave: an asymmetric
-//! partition, which is enough to depose a leader and to leave the member's state
-//! stale while clients can still reach it). The same works for etcd and Pontoon.
+//! proxy the harness owns, which forwards to the member's real peer listener. When a
+//! connection arrives, the proxy finds which member opened it (the socket's inode in
+//! /proc/net/tcp, among the open files of each member's process), so it can cut
+//! single links: a cut link (a, b) closes a's connections into b's proxy and refuses
+//! new ones. Partitions cut both directions of every link between two groups;
+//! members outside every group keep their links (a bridge). Clients still reach
+//! every member, so a cut-off member can serve stale local state to serializable
+//! reads. The same works for etcd and Pontoon.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -54,28 +57,94 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A TCP proxy in front of one member's peer port.
+/// The network between members: which directed links (from, to) are cut, and the
+/// process ID of each member, to tell who opened a peer connection.
+#[derive(Clone)]
+struct Net {
+    cut: watch::Sender<BTreeSet<(usize, usize)>>,
+    pids: Arc<Mutex<Vec<Option<u32>>>>,
+}
+
+impl Net {
+    /// Whether a connection from `from` (unknown: `None`) to member `to` must drop.
+    /// An unknown source is refused while any link into `to` is cut.
+    fn refuses(cut: &BTreeSet<(usize, usize)>, from: Option<usize>, to: usize) -> bool {
+        match from {
+            Some(f) => cut.contains(&(f, to)),
+            None => cut.iter().any(|&(_, t)| t == to),
+        }
+    }
+}
+
+/// The inode of the socket whose local port is `local` and remote port `remote`.
+fn socket_inode(local: u16, remote: u16) -> Option<u64> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| {
+                a.rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            };
+            if f.len() > 9 && port(f[1]) == Some(local) && port(f[2]) == Some(remote) {
+                if let Ok(inode) = f[9].parse::<u64>() {
+                    if inode != 0 {
+                        return Some(inode);
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Which member owns the client end of a connection from `peer_port` to `proxy_port`
+/// (found through /proc: the socket's inode among each member's open files).
+fn connection_owner(peer_port: u16, proxy_port: u16, pids: &[Option<u32>]) -> Option<usize> {
+    let inode = socket_inode(peer_port, proxy_port)?;
+    let want = format!("socket:[{inode}]");
+    pids.iter().enumerate().find_map(|(i, pid)| {
+        let dir = std::fs::read_dir(format!("/proc/{}/fd", (*pid)?)).ok()?;
+        dir.flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+            .then_some(i)
+    })
+}
+
+/// A TCP proxy in front of one member's peer port; it drops connections over cut links.
 struct Proxy {
-    blocked: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
-    async fn start(listen: u16, to: u16) -> std::io::Result<Proxy> {
+    async fn start(listen: u16, to_port: u16, to: usize, net: Net) -> std::io::Result<Proxy> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen)).await?;
-        let (blocked, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((mut inbound, addr)) = listener.accept().await else {
                     continue;
                 };
-                let mut rx = rx.clone();
-                if *rx.borrow() {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
+                let net = net.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    let pids = net.pids.lock().expect("pids").clone();
+                    let from = tokio::task::spawn_blocking(move || {
+                        connection_owner(addr.port(), listen, &pids)
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    if std::env::var_os("JEPSEN_DEBUG_NET").is_some() {
+                        eprintln!("proxy n{}: connection from {from:?}", to + 1);
+                    }
+                    let mut rx = net.cut.subscribe();
+                    if Net::refuses(&rx.borrow_and_update(), from, to) {
+                        let _ = inbound.shutdown().await;
+                        return;
+                    }
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await
                     else {
                         return;
                     };
@@ -83,12 +152,12 @@ impl Proxy {
                     let _ = outbound.set_nodelay(true);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.wait_for(|b| *b) => {}
+                        _ = rx.wait_for(|cut| Net::refuses(cut, from, to)) => {}
                     }
                 });
             }
         });
-        Ok(Proxy { blocked, task })
+        Ok(Proxy { task })
     }
 }
 
@@ -111,7 +180,7 @@ pub struct Node {
     paused: bool,
     /// Removed and added back: restarts join the running cluster.
     rejoined: bool,
-    proxy: Proxy,
+    _proxy: Proxy,
 }
 
 impl Node {
@@ -133,7 +202,7 @@ pub struct Cluster {
     initial: String,
     extra: Vec<String>,
     _dir: tempfile::TempDir,
-    partitioned: Arc<AtomicBool>,
+    net: Net,
 }
 
 impl Cluster {
@@ -150,6 +219,10 @@ impl Cluster {
         if std::env::var_os("JEPSEN_KEEP").is_some() {
             eprintln!("cluster files: {}", dir.path().display());
         }
+        let net = Net {
+            cut: watch::channel(BTreeSet::new()).0,
+            pids: Arc::new(Mutex::new(vec![None; n])),
+        };
         let mut nodes = Vec::new();
         for i in 0..n {
             let (client_port, peer_port, proxy_port) = (free_port(), free_port(), free_port());
@@ -163,7 +236,7 @@ impl Cluster {
                 child: None,
                 paused: false,
                 rejoined: false,
-                proxy: Proxy::start(proxy_port, peer_port).await?,
+                _proxy: Proxy::start(proxy_port, peer_port, i, net.clone()).await?,
             });
         }
         let initial = nodes
@@ -178,7 +251,7 @@ impl Cluster {
             initial,
             extra: extra.to_vec(),
             _dir: dir,
-            partitioned: Arc::new(AtomicBool::new(false)),
+            net,
         };
         for i in 0..n {
             c.spawn(i, "new")?;
@@ -222,7 +295,9 @@ impl Cluster {
             .append(true)
             .open(&node.log)?;
         cmd.stdout(Stdio::null()).stderr(log);
-        self.nodes[i].child = Some(cmd.spawn()?);
+        let child = cmd.spawn()?;
+        self.net.pids.lock().expect("pids")[i] = Some(child.id());
+        self.nodes[i].child = Some(child);
         self.nodes[i].paused = false;
         Ok(())
     }
@@ -280,6 +355,7 @@ impl Cluster {
     }
 
     pub fn kill(&mut self, i: usize) {
+        self.net.pids.lock().expect("pids")[i] = None;
         if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -379,10 +455,28 @@ impl Cluster {
         self.spawn(i, "existing")
     }
 
-    /// Cuts member `i` off from its peers' traffic.
+    /// Cuts member `i` off from its peers, both ways.
     pub fn isolate(&mut self, i: usize) {
-        self.nodes[i].proxy.blocked.send_replace(true);
-        self.partitioned.store(true, Ordering::Release);
+        let others: Vec<usize> = (0..self.nodes.len()).filter(|j| *j != i).collect();
+        self.partition(&[&[i], &others]);
+    }
+
+    /// Cuts every link between members of different groups (both ways); members in
+    /// no group keep all their links (a bridge).
+    pub fn partition(&mut self, groups: &[&[usize]]) {
+        let mut cut = BTreeSet::new();
+        for (g, a) in groups.iter().enumerate() {
+            for (h, b) in groups.iter().enumerate() {
+                if g != h {
+                    for &x in *a {
+                        for &y in *b {
+                            cut.insert((x, y));
+                        }
+                    }
+                }
+            }
+        }
+        self.net.cut.send_replace(cut);
     }
 
     /// Heals every fault: resumes paused members, restarts killed ones, reconnects.
@@ -391,10 +485,9 @@ impl Cluster {
             if self.nodes[i].paused {
                 self.resume(i);
             }
-            self.nodes[i].proxy.blocked.send_replace(false);
             self.restart(i)?;
         }
-        self.partitioned.store(false, Ordering::Release);
+        self.net.cut.send_replace(BTreeSet::new());
         Ok(())
     }
 

@@ -6,17 +6,26 @@
 //! - [`cluster`]: local processes, peer proxies, kill / pause / partition;
 //! - [`history`]: operations as clients saw them (ok / fail / indeterminate);
 //! - [`checker`]: linearizability of per-key registers (Wing-Gong-Lowe);
+//! - [`append`], [`elle`]: list-append transactions and their dependency-cycle
+//!   checker (G0, G1a, G1b, G1c, G2, and their real-time variants);
+//! - [`lease`], [`lock`]: lease expiry and revocation, and v3lock mutual exclusion
+//!   (separating the overlaps any lease-based lock allows from real violations);
 //! - [`timeline`]: an SVG picture of a failing sub-history.
 //!
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
-//! keys, checked for linearizability) and `watch` (watchers resuming across faults,
-//! checked for etcd's watch guarantees, see [`watch`]). Nemeses: `kill`, `pause`,
-//! `partition`, `membership`. Not yet (issue 5): list-append, lease and lock
-//! workloads; a compaction nemesis.
+//! keys, checked for linearizability), `append` (multi-key transactions, checked for
+//! strict serializability), `watch` (watchers resuming across faults, checked for
+//! etcd's watch guarantees, see [`watch`]), `lease` and `lock`. Nemeses: `kill`,
+//! `pause`, `partition`, `membership`.
 
+pub mod append;
 pub mod checker;
 pub mod cluster;
+pub mod elle;
 pub mod history;
+pub mod lease;
+pub mod lock;
+pub mod nemesis;
 pub mod rng;
 pub mod timeline;
 pub mod watch;
@@ -33,37 +42,18 @@ use cluster::{Cluster, Target};
 use history::{Call, History, Op, Ret, Status};
 use rng::Rng;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// kill -9 a member (the leader half of the time), restart it after the interval.
-    Kill,
-    /// SIGSTOP a member, SIGCONT after the interval.
-    Pause,
-    /// Cut a member (the leader half of the time) off from its peers.
-    Partition,
-    /// Remove a member (the leader half of the time), wipe it, add it back.
-    Membership,
-}
-
-impl std::str::FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            "membership" => Ok(Fault::Membership),
-            other => Err(format!(
-                "unknown nemesis {other:?} (kill, pause, partition, membership)"
-            )),
-        }
-    }
-}
+pub use nemesis::Fault;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
     Register,
     Watch,
+    /// List-append transactions, checked Elle-style ([`append`], [`elle`]).
+    Append,
+    /// Keys on leases that are kept alive, revoked or left to expire ([`lease`]).
+    Lease,
+    /// Mutual exclusion through the v3lock API ([`lock`]).
+    Lock,
 }
 
 impl std::str::FromStr for Workload {
@@ -72,7 +62,12 @@ impl std::str::FromStr for Workload {
         match s {
             "register" => Ok(Workload::Register),
             "watch" => Ok(Workload::Watch),
-            other => Err(format!("unknown workload {other:?} (register, watch)")),
+            "append" => Ok(Workload::Append),
+            "lease" => Ok(Workload::Lease),
+            "lock" => Ok(Workload::Lock),
+            other => Err(format!(
+                "unknown workload {other:?} (register, watch, append, lease, lock)"
+            )),
         }
     }
 }
@@ -114,6 +109,8 @@ pub struct Report {
     pub faults: Vec<String>,
     pub check_time: Duration,
     pub recovered: bool,
+    /// Findings that are not violations (expected caveats, statistics).
+    pub notes: Vec<String>,
 }
 
 /// How long a set of keys is used before clients move to fresh ones.
@@ -121,15 +118,26 @@ const KEY_GENERATION: Duration = Duration::from_secs(5);
 
 /// A monotonic clock shared by all clients of a run.
 #[derive(Clone)]
-struct Clock(Instant);
+pub struct Clock(Instant);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Clock {
-    fn now(&self) -> u64 {
+    pub fn new() -> Self {
+        Clock(Instant::now())
+    }
+    /// Nanoseconds since the run started.
+    pub fn now(&self) -> u64 {
         self.0.elapsed().as_nanos() as u64
     }
 }
 
-fn is_definite_failure(e: &etcd_client::Error) -> bool {
+/// Whether a failed request certainly had no effect.
+pub(crate) fn is_definite_failure(e: &etcd_client::Error) -> bool {
     match e {
         // The connection could not be made: the request never left.
         etcd_client::Error::GRpcStatus(s)
@@ -276,73 +284,6 @@ async fn run_client(
     }
 }
 
-/// Runs the nemesis until `until`: a fault every other interval, healed after one.
-async fn run_nemesis(
-    cluster: Arc<tokio::sync::Mutex<Cluster>>,
-    cfg: RunConfig,
-    until: Instant,
-    log: Arc<Mutex<Vec<String>>>,
-) {
-    if cfg.nemesis.is_empty() {
-        return;
-    }
-    let mut rng = Rng::new(cfg.seed.wrapping_add(7));
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(cfg.fault_interval).await;
-        if Instant::now() + cfg.fault_interval > until {
-            return;
-        }
-        let fault = cfg.nemesis[rng.below(cfg.nemesis.len() as u64) as usize];
-        let mut c = cluster.lock().await;
-        let n = c.nodes.len();
-        let leader = c.leader().await;
-        let target = match (fault, leader, rng.below(2)) {
-            (Fault::Pause, _, _) | (_, None, _) | (_, _, 0) => rng.below(n as u64) as usize,
-            (_, Some(l), _) => l,
-        };
-        let what = match fault {
-            Fault::Kill => {
-                c.kill(target);
-                "kill -9"
-            }
-            Fault::Pause => {
-                c.pause(target);
-                "pause"
-            }
-            Fault::Partition => {
-                c.isolate(target);
-                "isolate"
-            }
-            Fault::Membership => match c.remove_and_readd(target).await {
-                Ok(()) => "remove and re-add",
-                Err(e) => {
-                    eprintln!("nemesis: membership change failed: {e:#}");
-                    "membership change failed for"
-                }
-            },
-        };
-        let is_leader = leader == Some(target);
-        let line = format!(
-            "{:>6.1}s {what} {}{}",
-            started.elapsed().as_secs_f64(),
-            c.nodes[target].name,
-            if is_leader { " (leader)" } else { "" }
-        );
-        eprintln!("nemesis: {line}");
-        log.lock().expect("lock").push(line);
-        drop(c);
-        tokio::time::sleep(cfg.fault_interval).await;
-        let mut c = cluster.lock().await;
-        if let Err(e) = c.heal() {
-            eprintln!("nemesis: heal failed: {e}");
-        }
-        log.lock()
-            .expect("lock")
-            .push(format!("{:>6.1}s heal", started.elapsed().as_secs_f64()));
-    }
-}
-
 /// Runs one test and writes its report directory.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&cfg.report_dir)?;
@@ -354,21 +295,29 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
     let shared = Arc::new(Shared {
-        clock: Clock(Instant::now()),
+        clock: Clock::new(),
         history: Mutex::new(History::default()),
         next_value: AtomicU64::new(1),
         last: Mutex::new(vec![0; cfg.keys]),
     });
     let until = Instant::now() + cfg.time;
-    let faults = Arc::new(Mutex::new(Vec::new()));
-    let nemesis = tokio::spawn(run_nemesis(
+    let faults = Arc::new(Mutex::new(nemesis::Log::default()));
+    let nemesis = tokio::spawn(nemesis::run(
         cluster.clone(),
-        cfg.clone(),
+        cfg.nemesis.clone(),
+        cfg.fault_interval,
+        cfg.seed,
         until,
         faults.clone(),
     ));
-    if cfg.workload == Workload::Watch {
-        return run_watch(cfg, cluster, endpoints, until, nemesis, faults).await;
+    match cfg.workload {
+        Workload::Watch => return run_watch(cfg, cluster, endpoints, until, nemesis, faults).await,
+        Workload::Append => {
+            return run_append(cfg, cluster, endpoints, until, nemesis, faults).await
+        }
+        Workload::Lease => return run_lease(cfg, cluster, endpoints, until, nemesis, faults).await,
+        Workload::Lock => return run_lock(cfg, cluster, endpoints, until, nemesis, faults).await,
+        Workload::Register => {}
     }
     let clients: Vec<_> = (0..cfg.clients)
         .map(|i| {
@@ -424,7 +373,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let budget = cfg.check_budget;
     let verdict = tokio::task::spawn_blocking(move || checker::check(&ops, budget)).await?;
     let check_time = started.elapsed();
-    let faults = faults.lock().expect("lock").clone();
+    let faults = faults.lock().expect("lock").lines.clone();
     let report = Report {
         verdict,
         ok: history.count(Status::Ok),
@@ -433,6 +382,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         faults,
         check_time,
         recovered,
+        notes: Vec::new(),
     };
     write_report(&cfg, &report)?;
     Ok(report)
@@ -445,12 +395,13 @@ async fn run_watch(
     endpoints: Vec<String>,
     until: Instant,
     nemesis: tokio::task::JoinHandle<()>,
-    faults: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<nemesis::Log>>,
 ) -> anyhow::Result<Report> {
     let writers_n = (cfg.clients / 2).max(1);
     let watchers_n = (cfg.clients - writers_n).max(1);
     let out = Arc::new(Mutex::new(watch::WatchHistory {
         watchers: vec![Vec::new(); watchers_n],
+        gaps: vec![Vec::new(); watchers_n],
         ..Default::default()
     }));
     let final_rev = Arc::new(Mutex::new(None));
@@ -475,6 +426,7 @@ async fn run_watch(
                 i,
                 final_rev.clone(),
                 give_up,
+                cfg.nemesis.contains(&Fault::Compact).then_some(cfg.seed),
                 out.clone(),
             ))
         })
@@ -500,14 +452,16 @@ async fn run_watch(
         let _ = w.await;
     }
     let started = Instant::now();
-    let h = std::mem::take(&mut *out.lock().expect("lock"));
+    let mut h = std::mem::take(&mut *out.lock().expect("lock"));
+    h.compactions = faults.lock().expect("lock").compactions.clone();
     let problems = watch::check(&h, last);
     let events: usize = h.watchers.iter().map(Vec::len).sum();
     eprintln!(
-        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects",
+        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects, {} compacted gaps",
         h.acked.len(),
         h.watchers.len(),
-        h.reconnects
+        h.reconnects,
+        h.gaps.iter().map(Vec::len).sum::<usize>()
     );
     let report = Report {
         verdict: if problems.is_empty() {
@@ -518,9 +472,237 @@ async fn run_watch(
         ok: h.acked.len(),
         failed: 0,
         indeterminate: 0,
-        faults: faults.lock().expect("lock").clone(),
+        faults: faults.lock().expect("lock").lines.clone(),
         check_time: started.elapsed(),
         recovered,
+        notes: Vec::new(),
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// Heals every fault; true if every member then serves again.
+async fn heal_and_wait(cluster: &tokio::sync::Mutex<Cluster>) -> anyhow::Result<bool> {
+    let mut c = cluster.lock().await;
+    c.heal()?;
+    Ok(c.wait_healthy(Duration::from_secs(60)).await.is_ok())
+}
+
+/// Prints counts every 5 s while a workload runs.
+fn progress(
+    count: impl Fn() -> (usize, usize, usize) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (ok, failed, info) = count();
+            eprintln!(
+                "{:>6.1}s: {ok} ok, {failed} failed, {info} indeterminate",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })
+}
+
+fn count_by<T>(items: &[T], status: impl Fn(&T) -> Status) -> (usize, usize, usize) {
+    let mut c = (0, 0, 0);
+    for i in items {
+        match status(i) {
+            Status::Ok => c.0 += 1,
+            Status::Fail => c.1 += 1,
+            Status::Info => c.2 += 1,
+        }
+    }
+    c
+}
+
+/// The list-append workload: transactions checked Elle-style.
+async fn run_append(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<nemesis::Log>>,
+) -> anyhow::Result<Report> {
+    let shared = Arc::new(append::Shared::new(Clock::new()));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(append::client(
+                shared.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let shared = shared.clone();
+        progress(move || count_by(&shared.history.lock().expect("lock"), |t| t.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    let history = std::mem::take(&mut *shared.history.lock().expect("lock"));
+    append::write_history(&history, &cfg.report_dir.join("history.jsonl"))?;
+    let (ok, failed, indeterminate) = count_by(&history, |t| t.status);
+    eprintln!(
+        "checking {} transactions ({ok} ok, {failed} failed, {indeterminate} indeterminate)",
+        history.len()
+    );
+    let started = Instant::now();
+    let anomalies = tokio::task::spawn_blocking(move || elle::check(&history)).await?;
+    let check_time = started.elapsed();
+    let notes = vec![format!("anomaly kinds: {:?}", elle::kinds(&anomalies))];
+    let report = Report {
+        verdict: if anomalies.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(anomalies.iter().map(ToString::to_string).collect())
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").lines.clone(),
+        check_time,
+        recovered,
+        notes,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// The lease workload: keys on leases, checked against revokes and TTLs.
+async fn run_lease(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<nemesis::Log>>,
+) -> anyhow::Result<Report> {
+    let rec = Arc::new(lease::Recorder::new(Clock::new(), cfg.seed));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(lease::client(
+                rec.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let rec = rec.clone();
+        progress(move || count_by(&rec.ops.lock().expect("lock"), |o| o.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    let left = lease::drain(endpoints).await;
+    rec.write_history(&cfg.report_dir.join("history.jsonl"))?;
+    let ops = rec.ops.lock().expect("lock").clone();
+    let (ok, failed, indeterminate) = count_by(&ops, |o| o.status);
+    let started = Instant::now();
+    let (mut violations, notes) = lease::check(&ops);
+    if !left.is_empty() {
+        violations.push(format!(
+            "{} keys were still there {:?} after the run ended and the faults healed (leases {:x?})",
+            left.len(),
+            lease::DRAIN,
+            &left[..left.len().min(10)]
+        ));
+    }
+    let report = Report {
+        verdict: if violations.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(violations)
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").lines.clone(),
+        check_time: started.elapsed(),
+        recovered,
+        notes,
+    };
+    write_report(&cfg, &report)?;
+    Ok(report)
+}
+
+/// The lock workload: holds through the Lock API, checked for overlaps.
+async fn run_lock(
+    cfg: RunConfig,
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    endpoints: Vec<String>,
+    until: Instant,
+    nemesis: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<nemesis::Log>>,
+) -> anyhow::Result<Report> {
+    let shared = Arc::new(lock::Shared {
+        leases: lease::Recorder::new(Clock::new(), cfg.seed),
+        locks: Mutex::new(Vec::new()),
+    });
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(lock::client(
+                shared.clone(),
+                cfg.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let progress = {
+        let shared = shared.clone();
+        progress(move || count_by(&shared.locks.lock().expect("lock"), |o| o.status))
+    };
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    progress.abort();
+    let recovered = heal_and_wait(&cluster).await?;
+    shared
+        .leases
+        .write_history(&cfg.report_dir.join("lease-history.jsonl"))?;
+    let locks = shared.locks.lock().expect("lock").clone();
+    {
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(cfg.report_dir.join("history.jsonl"))?);
+        for o in &locks {
+            serde_json::to_writer(&mut f, o)?;
+            std::io::Write::write_all(&mut f, b"\n")?;
+        }
+    }
+    let leases = shared.leases.ops.lock().expect("lock").clone();
+    let (ok, failed, indeterminate) = count_by(&locks, |o| o.status);
+    let started = Instant::now();
+    let (violations, notes) = lock::check(&locks, &leases);
+    let report = Report {
+        verdict: if violations.is_empty() {
+            Verdict::Valid
+        } else {
+            Verdict::Violations(violations)
+        },
+        ok,
+        failed,
+        indeterminate,
+        faults: faults.lock().expect("lock").lines.clone(),
+        check_time: started.elapsed(),
+        recovered,
+        notes,
     };
     write_report(&cfg, &report)?;
     Ok(report)
@@ -540,7 +722,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
         }
         Verdict::Unknown { reason } => format!("unknown: {reason}"),
         Verdict::Violations(problems) => {
-            let mut text = format!("INVALID: {} watch guarantee violations:\n", problems.len());
+            let mut text = format!("INVALID: {} violations:\n", problems.len());
             for p in problems.iter().take(50) {
                 text.push_str(&format!("  {p}\n"));
             }
@@ -549,7 +731,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
     };
     let summary = format!(
         "workload: {:?}\ntarget: {:?}\nnodes: {}\nnemesis: {:?}\nseed: {}\nops: {} ok, {} failed, {} indeterminate\n\
-         recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nfaults:\n{}\n",
+         recovered after heal: {}\nchecked in: {:.2?}\nverdict: {verdict}\nnotes:\n{}\nfaults:\n{}\n",
         cfg.workload,
         cfg.target,
         cfg.nodes,
@@ -560,6 +742,7 @@ fn write_report(cfg: &RunConfig, r: &Report) -> anyhow::Result<()> {
         r.indeterminate,
         r.recovered,
         r.check_time,
+        r.notes.join("\n"),
         r.faults.join("\n")
     );
     std::fs::write(cfg.report_dir.join("results.txt"), &summary)?;

@@ -25,10 +25,11 @@ struct Args {
     binary: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// register or watch.
+    /// register, append, watch, lease or lock.
     #[arg(long, default_value = "register")]
     workload: Workload,
-    /// Comma-separated faults: kill, pause, partition (empty: none).
+    /// Comma-separated faults: kill, kill-leader, kill-majority, kill-all, pause,
+    /// partition, partition-majority, bridge, membership, compact (none: no faults).
     #[arg(long, default_value = "kill")]
     nemesis: String,
     /// Seconds of load.
