@@ -41,6 +41,12 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
+    /// Pontoon's `--max-range-response-bytes` (etcd has no such cap).
+    #[error("etcdserver: range response is too large (over {0} bytes of keys and values); ask for fewer keys with a limit")]
+    RangeTooLarge(usize),
+    /// Pontoon's `--max-watchers-per-stream`.
+    #[error("etcdserver: too many watchers on this stream (at most {0})")]
+    TooManyWatchers(usize),
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
     #[error("etcdserver: corrupt cluster")]

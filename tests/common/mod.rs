@@ -8,12 +8,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A loopback port nothing listens on, never the same twice in one test process (the
+/// kernel may hand a just-released ephemeral port out again at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind an ephemeral port")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        let mut given = GIVEN.lock().expect("port list");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Which server binary a [`Member`] runs.
@@ -36,6 +46,11 @@ pub struct Member {
     pub initial_cluster: Option<String>,
     /// `--initial-cluster-state`.
     pub cluster_state: &'static str,
+    /// `http` or `https`, for the client and the peer URLs.
+    pub client_scheme: &'static str,
+    pub peer_scheme: &'static str,
+    /// Added to every etcdctl call (TLS flags).
+    pub etcdctl_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
     log: PathBuf,
@@ -66,6 +81,9 @@ impl Member {
             name: name.to_string(),
             initial_cluster: None,
             cluster_state: "new",
+            client_scheme: "http",
+            peer_scheme: "http",
+            etcdctl_args: Vec::new(),
             _tmp: Some(tmp),
             child: None,
             log,
@@ -73,7 +91,7 @@ impl Member {
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_port)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -83,7 +101,7 @@ impl Member {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.client_scheme, self.client_port)
     }
 
     fn spawn(&mut self) {
@@ -94,7 +112,7 @@ impl Member {
     /// Starts the process without waiting for it to serve.
     pub fn spawn_process(&mut self) {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = self.peer_url();
         let mut cmd = match self.target {
             Target::Pontoon => {
                 let mut c = Command::new(env!("CARGO_BIN_EXE_pontoon"));
@@ -155,13 +173,9 @@ impl Member {
             }
             let out = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &self.endpoint(),
-                    "--command-timeout=1s",
-                    "get",
-                    "ready-probe",
-                ])
+                .args(["--endpoints", &self.endpoint(), "--command-timeout=1s"])
+                .args(&self.etcdctl_args)
+                .args(["get", "ready-probe"])
                 .output();
             if matches!(&out, Ok(o) if o.status.success()) {
                 return;
@@ -241,6 +255,7 @@ impl Member {
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(self.endpoint())
+            .args(&self.etcdctl_args)
             .args(args)
             .output()
             .expect("run etcdctl (apt-get install etcd-client)");
@@ -258,6 +273,7 @@ impl Member {
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(self.endpoint())
+            .args(&self.etcdctl_args)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -304,6 +320,16 @@ impl Cluster {
 
     /// A cluster whose members use these (client, peer) ports.
     pub fn start_on(target: Target, ports: &[(u16, u16)], extra: &[&str]) -> Cluster {
+        Self::start_on_with(target, ports, extra, |_| {})
+    }
+
+    /// [`Self::start_on`], with each member adjusted by `configure` before it starts.
+    pub fn start_on_with(
+        target: Target,
+        ports: &[(u16, u16)],
+        extra: &[&str],
+        configure: impl Fn(&mut Member),
+    ) -> Cluster {
         let mut members: Vec<Member> = ports
             .iter()
             .enumerate()
@@ -311,6 +337,7 @@ impl Cluster {
                 let mut m = Member::new(target, &format!("m{}", i + 1), extra);
                 m.client_port = *client;
                 m.peer_port = *peer;
+                configure(&mut m);
                 m
             })
             .collect();

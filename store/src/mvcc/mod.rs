@@ -214,12 +214,18 @@ impl MvccStore {
 
     /// Serves a Range at its revision from a consistent snapshot.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        self.range_capped(req, usize::MAX)
+    }
+
+    /// [`Self::range`], refused with `RangeTooLarge` past `max_bytes` of keys and
+    /// values.
+    pub fn range_capped(&self, req: &RangeRequest, max_bytes: usize) -> Result<RangeResponse> {
         let installing = self.install_lock.read().expect("install lock");
         let current = self.current_revision();
         let view = view::SnapView::new(self);
         let compacted = self.compact_revision();
         drop(installing);
-        range::range(&view, req, current, compacted)
+        range::range_capped(&view, req, current, compacted, max_bytes)
     }
 
     /// Reads a value from the `meta` column family.

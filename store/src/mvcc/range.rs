@@ -42,6 +42,26 @@ pub fn range(
     current: i64,
     compacted: i64,
 ) -> Result<RangeResponse> {
+    range_capped(view, req, current, compacted, usize::MAX)
+}
+
+/// Bytes a key-value is charged against a response cap: its key, its value (unless
+/// `keys_only`) and a fixed allowance for the revisions and framing.
+fn charged_bytes(kv: &KeyValue, keys_only: bool) -> usize {
+    64 + kv.key.len() + if keys_only { 0 } else { kv.value.len() }
+}
+
+/// [`range`], refusing (before reading further) a response that would hold more than
+/// `max_bytes` of keys and values: one client cannot make the member load an
+/// unbounded key space into memory. Ranges inside a Txn are never capped (their
+/// result must be the same on every member).
+pub fn range_capped(
+    view: &dyn ReadView,
+    req: &RangeRequest,
+    current: i64,
+    compacted: i64,
+    max_bytes: usize,
+) -> Result<RangeResponse> {
     let rev = resolve_read_revision(req.revision, current, compacted)?;
     let order = SortOrder::try_from(req.sort_order).map_err(|_| Error::InvalidSortOption)?;
     let target = SortTarget::try_from(req.sort_target).map_err(|_| Error::InvalidSortOption)?;
@@ -84,10 +104,16 @@ pub fn range(
         });
     }
 
-    let mut kvs = revs
-        .into_iter()
-        .map(|r| view.get_kv(r))
-        .collect::<Result<Vec<_>>>()?;
+    let mut kvs = Vec::with_capacity(revs.len());
+    let mut bytes = 0usize;
+    for r in revs {
+        let kv = view.get_kv(r)?;
+        bytes = bytes.saturating_add(charged_bytes(&kv, req.keys_only));
+        if bytes > max_bytes {
+            return Err(Error::RangeTooLarge(max_bytes));
+        }
+        kvs.push(kv);
+    }
     if filtered {
         kvs.retain(|kv| {
             (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)

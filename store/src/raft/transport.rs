@@ -198,8 +198,12 @@ impl Transport for Arc<PeerTransport> {
 }
 
 /// Turns a peer URL into a gRPC endpoint.
+/// How this member dials another's URL (`https://` with the peer TLS settings).
 pub(crate) fn endpoint(url: &str) -> Option<tonic::transport::Endpoint> {
-    let e = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?;
+    let mut e = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?;
+    if let Some(tls) = crate::server::tls::peer_client_tls(url) {
+        e = e.tls_config(tls).ok()?;
+    }
     Some(
         e.connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)

@@ -21,16 +21,12 @@ use pontoon_proto::internal::internal_request::Request as InternalOp;
 use pontoon_proto::internal::InternalAuthenticate;
 
 use super::status::to_status;
+use super::tls::TlsConnectInfo;
 use super::EtcdServer;
 use crate::auth::token::{simple_token_prefix, TokenProvider};
 use crate::auth::{password, AuthInfo};
 use crate::error::Error;
 use crate::mvcc::{ApplyResponse, TokenEffect};
-
-/// The user a verified TLS client certificate names (its subject's Common Name),
-/// put into each request's extensions by the TLS acceptor.
-#[derive(Clone, Debug)]
-pub struct CertCommonName(pub String);
 
 /// What a request presented to prove who it is, kept by long-lived streams (watch)
 /// so the user can be looked up again as the auth state changes.
@@ -50,8 +46,8 @@ impl EtcdServer {
                 .map(|t| t.to_str().unwrap_or("\u{fffd}").to_string()),
             cert_name: req
                 .extensions()
-                .get::<CertCommonName>()
-                .map(|c| c.0.clone()),
+                .get::<TlsConnectInfo>()
+                .and_then(|c| c.common_name.clone()),
         }
     }
 

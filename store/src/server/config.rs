@@ -9,6 +9,7 @@ use clap::Args;
 
 pub use crate::duration::parse_go_duration;
 use crate::error::{Error, Result};
+use crate::server::tls::TlsFiles;
 
 /// etcd's default backend quota: 2 GiB.
 pub const DEFAULT_QUOTA_BYTES: i64 = 2 << 30;
@@ -89,6 +90,20 @@ pub struct StoreArgs {
         allow_negative_numbers = true
     )]
     pub quota_backend_bytes: i64,
+    /// Maximum concurrent streams that each client connection can open.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
+    /// Pontoon: the most bytes of keys and values one Range may answer with (a
+    /// larger answer is refused with ResourceExhausted; page with `limit`).
+    #[arg(long, env = "PONTOON_MAX_RANGE_RESPONSE_BYTES", default_value_t = 1 << 30)]
+    pub max_range_response_bytes: u64,
+    /// Pontoon: the most watchers one Watch stream may hold.
+    #[arg(
+        long,
+        env = "PONTOON_MAX_WATCHERS_PER_STREAM",
+        default_value_t = 100_000
+    )]
+    pub max_watchers_per_stream: u64,
     /// Maximum number of operations permitted in a transaction.
     #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: u64,
@@ -123,6 +138,30 @@ pub struct StoreArgs {
     /// Strength of hashing auth passwords (bcrypt cost, 4..=31).
     #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
     pub bcrypt_cost: u32,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false)]
+    pub client_cert_auth: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false)]
+    pub peer_client_cert_auth: bool,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -144,8 +183,13 @@ pub struct StoreConfig {
     pub name: String,
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
-    pub listen_client: Vec<SocketAddr>,
-    pub listen_peer: Vec<SocketAddr>,
+    /// Where to listen, and whether with TLS (`https://`).
+    pub listen_client: Vec<(SocketAddr, bool)>,
+    pub listen_peer: Vec<(SocketAddr, bool)>,
+    /// `--cert-file` etc.; `None` without a certificate.
+    pub client_tls: Option<TlsFiles>,
+    /// `--peer-cert-file` etc.
+    pub peer_tls: Option<TlsFiles>,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     /// `(name, peer URLs)` of the bootstrap members.
@@ -157,6 +201,9 @@ pub struct StoreConfig {
     pub election_ticks: usize,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    pub max_concurrent_streams: u32,
+    pub max_range_response_bytes: usize,
+    pub max_watchers_per_stream: usize,
     /// Backend size that raises the NOSPACE alarm; `None` when disabled.
     pub quota_backend_bytes: Option<i64>,
     pub auto_compaction: AutoCompaction,
@@ -180,15 +227,14 @@ fn split_urls(s: &str) -> Vec<String> {
 /// Resolves `http://host:port` to the socket addresses to bind. `localhost` binds the
 /// IPv4 loopback, as clients and the etcd default of 127.0.0.1:2379 expect.
 pub fn listen_addrs(url: &str) -> Result<Vec<SocketAddr>> {
-    let rest = if let Some(r) = url.strip_prefix("http://") {
+    let rest = if let Some(r) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    {
         r
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(Error::Config(format!(
-            "{url}: TLS listeners are not supported yet (plain http:// only)"
-        )));
     } else {
         return Err(Error::Config(format!(
-            "{url}: URL scheme must be http:// (for example http://127.0.0.1:2379)"
+            "{url}: URL scheme must be http:// or https:// (for example http://127.0.0.1:2379)"
         )));
     };
     let hostport = rest.trim_end_matches('/');
@@ -207,6 +253,28 @@ pub fn listen_addrs(url: &str) -> Result<Vec<SocketAddr>> {
         return Err(Error::Config(format!("{url}: resolves to no address")));
     }
     Ok(addrs)
+}
+
+/// One side's TLS files from its flags: certificate and key come together.
+fn tls_files(
+    side: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    ca: &Option<PathBuf>,
+    client_cert_auth: bool,
+) -> Result<Option<TlsFiles>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            trusted_ca: ca.clone(),
+            client_cert_auth,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(Error::Config(format!(
+            "{side} TLS needs both a certificate and a key file"
+        ))),
+    }
 }
 
 fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction> {
@@ -293,9 +361,29 @@ impl StoreArgs {
             .wal_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("member").join("wal"));
+        let client_tls = tls_files(
+            "client",
+            &self.cert_file,
+            &self.key_file,
+            &self.trusted_ca_file,
+            self.client_cert_auth,
+        )?;
+        let peer_tls = tls_files(
+            "peer",
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+            self.peer_client_cert_auth,
+        )?;
         let mut listen_client = Vec::new();
         for url in split_urls(&self.listen_client_urls) {
-            listen_client.extend(listen_addrs(&url)?);
+            let https = url.starts_with("https://");
+            if https && client_tls.is_none() {
+                return Err(Error::Config(format!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with HTTPS scheme"
+                )));
+            }
+            listen_client.extend(listen_addrs(&url)?.into_iter().map(|a| (a, https)));
         }
         if listen_client.is_empty() {
             return Err(Error::Config("--listen-client-urls is empty".into()));
@@ -324,7 +412,13 @@ impl StoreArgs {
         }
         let mut listen_peer = Vec::new();
         for url in split_urls(&self.listen_peer_urls) {
-            listen_peer.extend(listen_addrs(&url)?);
+            let https = url.starts_with("https://");
+            if https && peer_tls.is_none() {
+                return Err(Error::Config(format!(
+                    "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {url} with HTTPS scheme"
+                )));
+            }
+            listen_peer.extend(listen_addrs(&url)?.into_iter().map(|a| (a, https)));
         }
         Ok(StoreConfig {
             name: self.name.clone(),
@@ -332,6 +426,8 @@ impl StoreArgs {
             wal_dir,
             listen_client,
             listen_peer,
+            client_tls,
+            peer_tls,
             advertise_client_urls: split_urls(&self.advertise_client_urls),
             initial_advertise_peer_urls: peer_urls,
             initial_cluster,
@@ -342,6 +438,9 @@ impl StoreArgs {
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             max_request_bytes: self.max_request_bytes as usize,
             max_txn_ops: self.max_txn_ops as usize,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_range_response_bytes: self.max_range_response_bytes as usize,
+            max_watchers_per_stream: self.max_watchers_per_stream as usize,
             quota_backend_bytes: match self.quota_backend_bytes {
                 q if q < 0 => None,
                 0 => Some(DEFAULT_QUOTA_BYTES),
@@ -416,7 +515,8 @@ mod tests {
             listen_addrs("http://0.0.0.0:12379").unwrap(),
             vec!["0.0.0.0:12379".parse().unwrap()]
         );
-        assert!(listen_addrs("https://127.0.0.1:2379").is_err());
+        assert!(listen_addrs("https://127.0.0.1:2379").is_ok());
+        assert!(listen_addrs("unix://x").is_err());
         assert!(listen_addrs("127.0.0.1:2379").is_err());
     }
 }

@@ -40,7 +40,11 @@ impl Kv for KvService {
             self.server.raft.read_index().await.map_err(to_status)?;
         }
         self.server.check_read(&who, &req.key, &req.range_end)?;
-        let mut resp = self.server.mvcc.range(&req).map_err(to_status)?;
+        let mut resp = self
+            .server
+            .mvcc
+            .range_capped(&req, self.server.max_range_bytes)
+            .map_err(to_status)?;
         self.server.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod peer;
 pub mod status;
+pub mod tls;
 pub mod validate;
 pub mod watch;
 
@@ -76,6 +77,10 @@ pub struct EtcdServer {
     pub member_id: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    /// `--max-range-response-bytes`.
+    pub max_range_bytes: usize,
+    /// `--max-watchers-per-stream`.
+    pub max_watchers_per_stream: usize,
     /// Shortest lease TTL granted, in seconds (etcd's rule: 1.5 election timeouts,
     /// rounded up).
     pub min_lease_ttl: i64,
@@ -294,7 +299,11 @@ async fn discover(cfg: &StoreConfig) -> Result<(u64, u64, Vec<Member>)> {
     let mut last = String::from("no other member in --initial-cluster");
     for attempt in 0..20 {
         for url in &peers {
-            let Ok(mut c) = RaftPeerClient::connect(url.to_string()).await else {
+            let channel = match crate::raft::transport::endpoint(url) {
+                Some(e) => e.connect().await.ok(),
+                None => None,
+            };
+            let Some(mut c) = channel.map(RaftPeerClient::new) else {
                 last = format!("cannot reach {url}");
                 continue;
             };
@@ -505,6 +514,8 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         member_id,
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
+        max_range_bytes: cfg.max_range_response_bytes,
+        max_watchers_per_stream: cfg.max_watchers_per_stream,
         published: hub.clone(),
         min_lease_ttl: {
             let ms = (3 * cfg.election_ticks as u128 / 2) * cfg.heartbeat.as_millis();
@@ -518,7 +529,7 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         peer_clients: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         tokens,
         bcrypt_cost: cfg.bcrypt_cost,
-        client_cert_auth: false,
+        client_cert_auth: cfg.client_tls.as_ref().is_some_and(|t| t.client_cert_auth),
     });
     let lessor = server.lessor.clone();
     let expiry = tokio::spawn(lease::run_expiry(server.clone(), lessor.clone()));
@@ -534,30 +545,50 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut listeners = Vec::new();
-    for addr in &cfg.listen_peer {
+    let peer_acceptor = match &cfg.peer_tls {
+        Some(files) => {
+            tls::set_peer_client_tls(files)?;
+            Some(tls::ReloadingAcceptor::new(files.clone())?)
+        }
+        None => None,
+    };
+    let client_acceptor = match &cfg.client_tls {
+        Some(files) => Some(tls::ReloadingAcceptor::new(files.clone())?),
+        None => None,
+    };
+    for (addr, https) in &cfg.listen_peer {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Config(format!("listen on {addr}: {e}")))?;
-        tracing::info!(address = %addr, "serving peer traffic");
+        tracing::info!(address = %addr, tls = https, "serving peer traffic");
         let svc = RaftPeerServer::new(peer::PeerService::new(server.clone()))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        listeners.push(tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        ));
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc);
+        listeners.push(match (https, &peer_acceptor) {
+            (true, Some(acceptor)) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(
+                    tls::incoming(listener, acceptor.clone()),
+                    shutdown,
+                ))
+            }
+            _ => tokio::spawn(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )),
+        });
     }
-    for addr in &cfg.listen_client {
+    for (addr, https) in &cfg.listen_client {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Config(format!("listen on {addr}: {e}")))?;
-        tracing::info!(address = %addr, "serving client requests");
+        tracing::info!(address = %addr, tls = https, "serving client requests");
         let kv = KvServer::new(kv::KvService::new(server.clone()))
             .max_decoding_message_size(cfg.max_request_bytes + GRPC_OVERHEAD_BYTES)
             .max_encoding_message_size(usize::MAX);
@@ -587,24 +618,35 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
             .add_service(maintenance);
         let routes = http::routes(grpc.prepare().into_axum_router(), server.clone());
         let mut stop = stop_rx.clone();
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |conn| {
-                conn.map(|s| {
-                    let _ = s.set_nodelay(true);
-                    h2_authority::AuthorityFix::new(s)
-                })
-            },
-        );
-        listeners.push(tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .accept_http1(true)
-                .add_routes(routes.into())
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        ));
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .accept_http1(true)
+            .add_routes(routes.into());
+        listeners.push(match (https, &client_acceptor) {
+            (true, Some(acceptor)) => {
+                let incoming = tokio_stream::StreamExt::map(
+                    tls::incoming(listener, acceptor.clone()),
+                    |conn| conn.map(h2_authority::AuthorityFix::new),
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+            _ => {
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |conn| {
+                        conn.map(|s| {
+                            let _ = s.set_nodelay(true);
+                            h2_authority::AuthorityFix::new(s)
+                        })
+                    },
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+        });
     }
 
     let outcome = tokio::select! {

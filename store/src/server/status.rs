@@ -16,7 +16,9 @@ pub fn to_status(e: Error) -> Status {
         | Error::InvalidSortOption
         | Error::RequestTooLarge
         | Error::MemberBadUrls => Code::InvalidArgument,
-        Error::NoSpace => Code::ResourceExhausted,
+        Error::NoSpace | Error::RangeTooLarge(_) | Error::TooManyWatchers(_) => {
+            Code::ResourceExhausted
+        }
         Error::CorruptCluster => Code::DataLoss,
         Error::MemberNotFound => Code::NotFound,
         Error::MemberExist

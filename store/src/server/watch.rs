@@ -220,6 +220,14 @@ impl WatchStream {
             }
             self.next_id
         };
+        if self.watchers.len() >= self.server.max_watchers_per_stream {
+            let mut r = self.response(c.watch_id, current);
+            r.created = true;
+            r.canceled = true;
+            r.cancel_reason =
+                Error::TooManyWatchers(self.server.max_watchers_per_stream).to_string();
+            return self.send(r).await;
+        }
         // etcd's isWatchPermitted: read permission on the watched range.
         let auth = self.server.mvcc.auth();
         let mut user = String::new();
