@@ -207,7 +207,7 @@ where
         match call(gw.grpc.clone(), req).await {
             Ok(resp) => {
                 let (md, msg, _) = resp.into_parts();
-                match serde_json::to_vec(&msg) {
+                match to_json(&msg) {
                     Ok(body) => json_response(StatusCode::OK, &md, body),
                     Err(e) => error_response(&Status::internal(e.to_string())),
                 }
@@ -387,8 +387,9 @@ async fn streamed<T: Serialize + Send + 'static>(
 /// One streamed message: `{"result":...}` and a newline.
 fn result_line<T: Serialize>(msg: &T) -> Bytes {
     let mut line = b"{\"result\":".to_vec();
-    if let Err(e) = serde_json::to_writer(&mut line, msg) {
-        return Bytes::from(stream_error_body(&Status::internal(e.to_string())));
+    match to_json(msg) {
+        Ok(json) => line.extend_from_slice(&json),
+        Err(e) => return Bytes::from(stream_error_body(&Status::internal(e.to_string()))),
     }
     line.extend_from_slice(b"}\n");
     Bytes::from(line)
@@ -451,7 +452,61 @@ fn stream_error_body(s: &Status) -> String {
 }
 
 fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+    to_json(s)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| "\"\"".into())
+}
+
+/// Compact JSON as etcd's gateway writes it (Go's `encoding/json` strings).
+fn to_json<T: Serialize + ?Sized>(v: &T) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    v.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, GoJson,
+    ))?;
+    Ok(out)
+}
+
+/// serde_json's compact output with Go's string escapes: `<`, `>`, `&`, U+2028 and
+/// U+2029 as `\u003c`, `\u003e`, `\u0026`, `\u2028`, `\u2029`, and backspace and form
+/// feed as `\u0008` and `\u000c`.
+struct GoJson;
+
+impl serde_json::ser::Formatter for GoJson {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            let escape = match c {
+                '<' => "\\u003c",
+                '>' => "\\u003e",
+                '&' => "\\u0026",
+                '\u{2028}' => "\\u2028",
+                '\u{2029}' => "\\u2029",
+                _ => continue,
+            };
+            w.write_all(&fragment.as_bytes()[start..i])?;
+            w.write_all(escape.as_bytes())?;
+            start = i + c.len_utf8();
+        }
+        w.write_all(&fragment.as_bytes()[start..])
+    }
+
+    fn write_char_escape<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        escape: serde_json::ser::CharEscape,
+    ) -> std::io::Result<()> {
+        use serde_json::ser::{CharEscape, CompactFormatter};
+        match escape {
+            CharEscape::Backspace => w.write_all(b"\\u0008"),
+            CharEscape::FormFeed => w.write_all(b"\\u000c"),
+            other => CompactFormatter.write_char_escape(w, other),
+        }
+    }
 }
 
 /// The HTTP status grpc-gateway (v1, as in etcd 3.4) gives a gRPC code.
@@ -558,6 +613,11 @@ mod tests {
             stream_error_body(&Status::unknown("a \"quoted\" text")),
             r#"{"error":{"grpc_code":2,"http_code":500,"message":"a \"quoted\" text","http_status":"Internal Server Error"}}"#
         );
+        // Go's escapes, as in etcd's answers.
+        assert_eq!(
+            json_string("a<b>&c\u{8}\u{c}\n\u{2028}é"),
+            r#""a\u003cb\u003e\u0026c\u0008\u000c\n\u2028é""#
+        );
         assert_eq!(
             http_status(Code::FailedPrecondition),
             StatusCode::PRECONDITION_FAILED
@@ -603,6 +663,47 @@ mod tests {
         let mut bad = JsonReader::new(Body::from("{\"ID\":\"1\"} nope"), 1 << 20);
         assert!(bad.next::<LeaseKeepAliveRequest>().await.is_ok());
         assert!(bad.next::<LeaseKeepAliveRequest>().await.is_err());
+    }
+
+    /// The next message, `Err` if none comes for a while, `Ok(None)` at the end.
+    async fn next<T>(rx: &mut mpsc::Receiver<T>) -> Result<Option<T>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await
+    }
+
+    #[tokio::test]
+    async fn a_held_request_stream_ends_only_with_the_answer() {
+        use pontoon_proto::etcdserverpb::LeaseKeepAliveRequest;
+
+        let (tx, mut rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
+        let (alive, gone) = oneshot::channel();
+        let reader = JsonReader::new(Body::from("{\"ID\":\"5\"}"), 1 << 20);
+        tokio::spawn(forward(reader, tx, HalfClose::Hold, gone));
+        assert_eq!(
+            next(&mut rx).await.expect("a message").map(|m| m.id),
+            Some(5)
+        );
+        assert!(
+            next(&mut rx).await.is_err(),
+            "held open after the body ends"
+        );
+        drop(alive);
+        assert!(
+            matches!(next(&mut rx).await, Ok(None)),
+            "ends with the answer"
+        );
+
+        let (tx, mut rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
+        let (_alive, gone) = oneshot::channel();
+        let reader = JsonReader::new(Body::from("{\"ID\":\"6\"}"), 1 << 20);
+        tokio::spawn(forward(reader, tx, HalfClose::Pass, gone));
+        assert_eq!(
+            next(&mut rx).await.expect("a message").map(|m| m.id),
+            Some(6)
+        );
+        assert!(
+            matches!(next(&mut rx).await, Ok(None)),
+            "ends with the body"
+        );
     }
 
     #[test]
