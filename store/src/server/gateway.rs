@@ -154,7 +154,7 @@ fn election(g: Grpc) -> ElectionClient<Grpc> {
 
 /// What the gateway's handlers share.
 #[derive(Clone)]
-pub struct Gateway {
+struct Gateway {
     grpc: Grpc,
     /// The largest HTTP body read: room for `--max-request-bytes` of message in
     /// base64 and JSON. The gRPC server then applies its own limit to the message.
