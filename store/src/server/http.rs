@@ -1,5 +1,6 @@
 //! The HTTP face of the client port, next to gRPC as on etcd's: `/health`, `/livez`,
-//! `/readyz`, `/version` and `/metrics` (Prometheus text, etcd's metric names).
+//! `/readyz`, `/version`, `/metrics` (Prometheus text, etcd's metric names) and the
+//! JSON gateway under `/v3/` ([`super::gateway`]).
 //!
 //! `/health` answers as etcd 3.5 does: `{"health":"true","reason":""}` with 200 when
 //! this member knows a leader, has no active alarm and can serve a linearizable read;
@@ -25,6 +26,7 @@ pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
         let server = server.clone();
         move |req: Request, next: Next| require_leader(server.clone(), req, next)
     };
+    let max_request_bytes = server.max_request_bytes;
     let http = Router::new()
         .route("/health", get(health))
         .route("/livez", get(livez))
@@ -32,9 +34,12 @@ pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .with_state(server);
-    grpc.layer(axum::middleware::from_fn(leader_check))
-        .layer(axum::middleware::from_fn(count_grpc))
-        .merge(http)
+    let grpc = grpc
+        .layer(axum::middleware::from_fn(leader_check))
+        .layer(axum::middleware::from_fn(count_grpc));
+    // The JSON gateway calls the gRPC methods through these same layers.
+    let gateway = super::gateway::routes(grpc.clone(), max_request_bytes);
+    grpc.merge(http).merge(gateway)
 }
 
 /// etcd clients mark requests that must not wait for an election with the metadata

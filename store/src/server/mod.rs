@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod compactor;
 pub mod config;
 pub mod corrupt;
+pub mod gateway;
 pub mod h2_authority;
 pub mod http;
 pub mod identity;
