@@ -4,11 +4,13 @@
 #   g++               RocksDB is built from C++ source
 #   protobuf-compiler the etcd-client crate (used by the tests) compiles its protos
 #   etcd-server, etcd-client  real etcd 3.4 and etcdctl, for the comparison tests
+#   openssl, curl     the TLS tests make their own CA and certificates; the gateway
+#                     tests speak HTTP with curl
 set -euo pipefail
 
 want=(libclang-dev g++ protobuf-compiler)
 if [[ "${1:-}" == "--test" ]]; then
-  want+=(etcd-server etcd-client)
+  want+=(etcd-server etcd-client openssl curl)
 fi
 
 missing=()

@@ -6,11 +6,15 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{grpc_status, Member, Target};
+use common::{free_port, grpc_status, Member, Target};
 
 /// A plain HTTP/1.1 GET on the client port: (status code, body).
 fn http_get(m: &Member, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", m.client_port)).unwrap();
+    http_get_port(m.client_port, path)
+}
+
+fn http_get_port(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
@@ -154,4 +158,29 @@ async fn http_endpoints_and_status() {
     let (ok, out, _) = m.etcdctl(&["endpoint", "status"]);
     assert!(ok);
     assert!(out.contains(&format!("{id:x}, 3.5.")), "{out}");
+}
+
+/// `--listen-metrics-urls` (kubeadm's liveness probe target) serves the HTTP
+/// endpoints alone; kubeadm's boolean spelling `--client-cert-auth=false` is taken.
+#[test]
+fn metrics_urls_serve_health_and_metrics() {
+    let port = free_port();
+    let url = format!("--listen-metrics-urls=http://127.0.0.1:{port}");
+    let m = Member::start_with(
+        Target::Pontoon,
+        &[
+            &url,
+            "--experimental-initial-corrupt-check=true",
+            "--client-cert-auth=false",
+        ],
+    );
+    let (code, body) = http_get_port(port, "/health");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, r#"{"health":"true","reason":""}"#)
+    );
+    let (code, body) = http_get_port(port, "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("etcd_server_has_leader 1"), "{body}");
+    drop(m);
 }

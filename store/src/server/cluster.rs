@@ -114,7 +114,10 @@ impl ClusterService {
         let urls = self.member(leader)?.client_ur_ls;
         let mut last = to_status(Error::NoLeader);
         for url in urls {
-            match ClusterClient::connect(url).await {
+            let Some(endpoint) = crate::raft::transport::endpoint(&url) else {
+                continue;
+            };
+            match endpoint.connect().await.map(ClusterClient::new) {
                 Ok(mut c) => match c.member_promote(with_credentials(req, metadata)).await {
                     Ok(r) => return Ok(r.into_inner()),
                     Err(s) => return Err(s),

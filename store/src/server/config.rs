@@ -90,6 +90,16 @@ pub struct StoreArgs {
         allow_negative_numbers = true
     )]
     pub quota_backend_bytes: i64,
+    /// Additional URLs to serve /metrics and /health on (plain http://), as etcd's
+    /// flag; kubeadm points its liveness probe there.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
+    pub listen_metrics_urls: String,
+    /// Check the store against the other members' before serving (accepted for
+    /// etcd compatibility; Pontoon's periodic check is
+    /// `--experimental-corrupt-check-time`).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub experimental_initial_corrupt_check: bool,
     /// Maximum concurrent streams that each client connection can open.
     #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
     pub max_concurrent_streams: u32,
@@ -147,8 +157,10 @@ pub struct StoreArgs {
     /// Path to the client server TLS trusted CA cert file.
     #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
-    /// Enable client cert authentication.
-    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false)]
+    /// Enable client cert authentication (`--client-cert-auth` or `=true|false`, as
+    /// etcd's Go flags take it).
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub client_cert_auth: bool,
     /// Path to the peer server TLS cert file.
     #[arg(long, env = "ETCD_PEER_CERT_FILE")]
@@ -160,7 +172,8 @@ pub struct StoreArgs {
     #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
     pub peer_trusted_ca_file: Option<PathBuf>,
     /// Enable peer client cert authentication.
-    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false)]
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub peer_client_cert_auth: bool,
     /// Log level: debug, info, warn, error, panic, or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
@@ -186,6 +199,8 @@ pub struct StoreConfig {
     /// Where to listen, and whether with TLS (`https://`).
     pub listen_client: Vec<(SocketAddr, bool)>,
     pub listen_peer: Vec<(SocketAddr, bool)>,
+    /// `--listen-metrics-urls`: where to serve the HTTP endpoints alone.
+    pub listen_metrics: Vec<SocketAddr>,
     /// `--cert-file` etc.; `None` without a certificate.
     pub client_tls: Option<TlsFiles>,
     /// `--peer-cert-file` etc.
@@ -426,6 +441,18 @@ impl StoreArgs {
             wal_dir,
             listen_client,
             listen_peer,
+            listen_metrics: {
+                let mut v = Vec::new();
+                for url in split_urls(&self.listen_metrics_urls) {
+                    if url.starts_with("https://") {
+                        return Err(Error::Config(format!(
+                            "--listen-metrics-urls {url}: only http:// is supported"
+                        )));
+                    }
+                    v.extend(listen_addrs(&url)?);
+                }
+                v
+            },
             client_tls,
             peer_tls,
             advertise_client_urls: split_urls(&self.advertise_client_urls),
@@ -518,5 +545,46 @@ mod tests {
         assert!(listen_addrs("https://127.0.0.1:2379").is_ok());
         assert!(listen_addrs("unix://x").is_err());
         assert!(listen_addrs("127.0.0.1:2379").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: StoreArgs,
+    }
+
+    fn parse(argv: &[&str]) -> StoreArgs {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("pontoon").chain(argv.iter().copied()))
+            .map(|c| c.args)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    #[test]
+    fn boolean_flags_take_go_style_values() {
+        // kubeadm's etcd manifest writes `--client-cert-auth=true`.
+        assert!(parse(&["--client-cert-auth=true"]).client_cert_auth);
+        assert!(parse(&["--client-cert-auth"]).client_cert_auth);
+        assert!(!parse(&["--client-cert-auth=false"]).client_cert_auth);
+        assert!(!parse(&[]).client_cert_auth);
+        assert!(parse(&["--peer-client-cert-auth=true"]).peer_client_cert_auth);
+        let a = parse(&[
+            "--listen-metrics-urls=http://127.0.0.1:2381",
+            "--experimental-initial-corrupt-check=true",
+        ]);
+        assert_eq!(
+            a.validate().unwrap().listen_metrics,
+            vec!["127.0.0.1:2381".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn https_needs_its_certificate() {
+        let a = parse(&["--listen-client-urls=https://127.0.0.1:2379"]);
+        assert!(matches!(a.validate(), Err(Error::Config(m)) if m.contains("--cert-file")));
+        let a = parse(&["--cert-file=/c.pem"]);
+        assert!(
+            matches!(a.validate(), Err(Error::Config(m)) if m.contains("certificate and a key"))
+        );
     }
 }

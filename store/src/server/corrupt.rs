@@ -1,21 +1,21 @@
 //! The periodic corruption check (etcd's `--experimental-corrupt-check-time`).
 //!
 //! Every interval the leader computes HashKV at its current revision and asks every
-//! other member (over its client URLs) for HashKV at the same revision. A member that
-//! answers for the same revision and the same compaction point with a different hash
-//! has diverged from the log: the leader raises a CORRUPT alarm for it through raft.
-//! While any CORRUPT alarm is active, writes are refused with `etcdserver: corrupt
-//! cluster`, as etcd refuses them, until an operator has repaired the member and
-//! disarmed the alarm. Members that have not reached the revision yet, or are
-//! unreachable, are skipped until the next round.
+//! other member (over its peer URL, where client auth does not apply) for HashKV at
+//! the same revision. A member that answers for the same revision and the same
+//! compaction point with a different hash has diverged from the log: the leader
+//! raises a CORRUPT alarm for it through raft. While any CORRUPT alarm is active,
+//! writes are refused with `etcdserver: corrupt cluster`, as etcd refuses them, until
+//! an operator has repaired the member and disarmed the alarm. Members that have not
+//! reached the revision yet, or are unreachable, are skipped until the next round.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use pontoon_proto::etcdserverpb::alarm_request::AlarmAction;
-use pontoon_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use pontoon_proto::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest};
 use pontoon_proto::internal::internal_request::Request as InternalOp;
+use pontoon_proto::peer::raft_peer_client::RaftPeerClient;
 
 use super::EtcdServer;
 
@@ -34,9 +34,13 @@ pub fn diverged(ours: PeerHash, peers: &[(u64, PeerHash)]) -> Vec<u64> {
 
 async fn peer_hash(urls: &[String], rev: i64) -> Option<PeerHash> {
     for url in urls {
-        let Ok(mut c) = MaintenanceClient::connect(url.clone()).await else {
+        let Some(endpoint) = crate::raft::transport::endpoint(url) else {
             continue;
         };
+        let Ok(channel) = endpoint.connect().await else {
+            continue;
+        };
+        let mut c = RaftPeerClient::new(channel);
         if let Ok(r) = c.hash_kv(HashKvRequest { revision: rev }).await {
             let r = r.into_inner();
             return Some((r.hash, r.compact_revision, r.hash_revision));
@@ -63,7 +67,7 @@ pub async fn run(server: Arc<EtcdServer>, every: Duration) {
         };
         let mut answers = Vec::new();
         for m in members.iter().filter(|m| m.id != server.member_id) {
-            if let Some(h) = peer_hash(&m.client_ur_ls, rev).await {
+            if let Some(h) = peer_hash(&m.peer_ur_ls, rev).await {
                 answers.push((m.id, h));
             }
         }

@@ -27,19 +27,24 @@ pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
         move |req: Request, next: Next| require_leader(server.clone(), req, next)
     };
     let max_request_bytes = server.max_request_bytes;
-    let http = Router::new()
-        .route("/health", get(health))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/version", get(version))
-        .route("/metrics", get(metrics))
-        .with_state(server);
+    let http = monitoring(server);
     let grpc = grpc
         .layer(axum::middleware::from_fn(leader_check))
         .layer(axum::middleware::from_fn(count_grpc));
     // The JSON gateway calls the gRPC methods through these same layers.
     let gateway = super::gateway::routes(grpc.clone(), max_request_bytes);
     grpc.merge(http).merge(gateway)
+}
+
+/// The plain HTTP endpoints, also served alone on `--listen-metrics-urls`.
+pub fn monitoring(server: Arc<EtcdServer>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .with_state(server)
 }
 
 /// etcd clients mark requests that must not wait for an election with the metadata

@@ -37,6 +37,23 @@ impl MaintenanceService {
     }
 }
 
+/// HashKV of this member at `rev` (the Maintenance call, and the peer call the
+/// corruption check makes).
+pub(crate) async fn hash_kv(server: &EtcdServer, rev: i64) -> Result<HashKvResponse, Status> {
+    let mvcc = server.mvcc.clone();
+    let (hash, compact_revision, hash_revision) =
+        tokio::task::spawn_blocking(move || mvcc.hash_kv(rev))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(to_status)?;
+    Ok(HashKvResponse {
+        header: Some(server.header(server.mvcc.current_revision())),
+        hash,
+        compact_revision,
+        hash_revision,
+    })
+}
+
 /// etcd's text for an alarm in Status.errors.
 pub(crate) fn alarm_text(a: i32) -> &'static str {
     match AlarmType::try_from(a) {
@@ -125,18 +142,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<HashKvResponse>, Status> {
         self.server.check_admin(&self.server.caller(&req)?)?;
         let rev = req.into_inner().revision;
-        let mvcc = self.server.mvcc.clone();
-        let (hash, compact_revision, hash_revision) =
-            tokio::task::spawn_blocking(move || mvcc.hash_kv(rev))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(to_status)?;
-        Ok(Response::new(HashKvResponse {
-            header: Some(self.server.header(self.server.mvcc.current_revision())),
-            hash,
-            compact_revision,
-            hash_revision,
-        }))
+        hash_kv(&self.server, rev).await.map(Response::new)
     }
 
     type SnapshotStream = ReceiverStream<Result<SnapshotResponse, Status>>;

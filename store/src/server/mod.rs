@@ -585,6 +585,25 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
             )),
         });
     }
+    for addr in &cfg.listen_metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("listen on {addr}: {e}")))?;
+        tracing::info!(address = %addr, "serving /metrics and /health");
+        let app = http::monitoring(server.clone());
+        let mut stop = stop_rx.clone();
+        listeners.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(app.into())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ),
+        ));
+    }
     for (addr, https) in &cfg.listen_client {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

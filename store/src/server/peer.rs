@@ -152,6 +152,16 @@ impl RaftPeer for PeerService {
         Ok(Response::new(LeaseRenewResponse { ttl }))
     }
 
+    async fn hash_kv(
+        &self,
+        req: Request<pontoon_proto::etcdserverpb::HashKvRequest>,
+    ) -> Result<Response<pontoon_proto::etcdserverpb::HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        super::maintenance::hash_kv(&self.server, rev)
+            .await
+            .map(Response::new)
+    }
+
     async fn lease_remaining(
         &self,
         req: Request<LeaseRemainingRequest>,
