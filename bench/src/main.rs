@@ -922,14 +922,21 @@ async fn keepalive_client(
             break;
         }
         let started = Instant::now();
-        let ok = match k.keeper.keep_alive().await {
-            Ok(()) => matches!(k.stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-            Err(_) => false,
+        let (ok, broken) = match k.keeper.keep_alive().await {
+            Ok(()) => match k.stream.message().await {
+                Ok(Some(r)) => (r.ttl() > 0, false),
+                Ok(None) | Err(_) => (false, true),
+            },
+            Err(_) => (false, true),
         };
         if ok {
             hist.saturating_record((started.elapsed().as_micros() as u64).max(1));
         }
         ctl.done(ok);
+        if broken {
+            // The server ended the stream: this client stops (counted as one error).
+            break;
+        }
     }
     let ended = Instant::now();
     let _ = k.lc.revoke(k.id).await;
@@ -939,13 +946,29 @@ async fn keepalive_client(
 async fn run_lease(args: &Args, conns: &[Client]) -> anyhow::Result<Summary> {
     let clients = args.clients.max(1);
     eprintln!("granting {clients} leases (TTL {} s)...", args.lease_ttl);
+    let retries = Arc::new(AtomicU64::new(0));
     let setup: Vec<_> = (0..clients)
         .map(|i| {
             let mut lc = conns[i % conns.len()].lease_client();
             let ttl = args.lease_ttl;
+            let retries = retries.clone();
             tokio::spawn(async move {
                 let id = lc.grant(ttl, None).await?.id();
-                let (keeper, stream) = lc.keep_alive(id).await?;
+                // The member that acknowledged the grant may have applied it before
+                // the leader, which answers keep-alives: until the leader has it too,
+                // a keep-alive says "lease not found". Try again for up to 5 s.
+                let mut attempt = 0;
+                let (keeper, stream) = loop {
+                    match lc.keep_alive(id).await {
+                        Ok(k) => break k,
+                        Err(e) if attempt < 250 && e.to_string().contains("not found") => {
+                            attempt += 1;
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => return Err(e).context("opening the keep-alive stream"),
+                    }
+                };
                 Ok::<_, anyhow::Error>(Keeper {
                     lc,
                     id,
@@ -993,7 +1016,10 @@ async fn run_lease(args: &Args, conns: &[Client]) -> anyhow::Result<Summary> {
         unit: "keep-alives",
         latency_of: "keep-alive round trip",
         hist,
-        extra: vec![("leases", clients.to_string())],
+        extra: vec![
+            ("leases", clients.to_string()),
+            ("setup_retries", retries.load(Ordering::Relaxed).to_string()),
+        ],
     })
 }
 
