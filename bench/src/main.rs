@@ -316,14 +316,16 @@ impl Pacer {
         }
     }
 
-    async fn wait(&mut self) {
+    /// Waits for this client's next slot, but not past the end of the run.
+    async fn wait(&mut self, deadline: Option<Instant>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
         if self.next + Duration::from_secs(1) < now {
             self.next = now;
         }
-        if self.next > now {
-            tokio::time::sleep_until(self.next.into()).await;
+        let until = deadline.map_or(self.next, |d| d.min(self.next));
+        if until > now {
+            tokio::time::sleep_until(until.into()).await;
         }
         self.next += every;
     }
@@ -438,7 +440,7 @@ async fn kv_client(
     let mut pacer = Pacer::new(ctl.every, id, args.clients.max(1));
     let mut n: u64 = lcg(id as u64 + 1);
     loop {
-        pacer.wait().await;
+        pacer.wait(ctl.deadline).await;
         let Some(i) = ctl.next() else { break };
         n = lcg(n);
         let k = if args.workload == "load" {
@@ -704,7 +706,7 @@ async fn watch_writer(id: usize, args: Arc<Args>, mut c: Client, ctl: Arc<Ctl>) 
     let mut n: u64 = lcg(id as u64 + 1);
     let pad = args.val_size.saturating_sub(8);
     loop {
-        pacer.wait().await;
+        pacer.wait(ctl.deadline).await;
         if ctl.next().is_none() {
             break;
         }
@@ -821,6 +823,7 @@ async fn run_watch(args: &Args, conns: &[Client]) -> anyhow::Result<Summary> {
         ("watchers", watchers.to_string()),
         ("streams", n_streams.to_string()),
         ("writers", writers.to_string()),
+        ("put_rate_target", args.rate.to_string()),
         ("puts", puts_ok.to_string()),
         ("put_errors", put_errors.to_string()),
         ("put_rps", format!("{:.1}", puts_ok as f64 / put_seconds)),
@@ -917,7 +920,7 @@ async fn keepalive_client(
     let mut hist = new_hist();
     let mut pacer = Pacer::new(ctl.every, i, clients);
     loop {
-        pacer.wait().await;
+        pacer.wait(ctl.deadline).await;
         if ctl.next().is_none() {
             break;
         }
