@@ -92,6 +92,10 @@ pub struct RunConfig {
     /// Serve reads with `serializable` (local, possibly stale): the harness must then
     /// find a violation under partitions.
     pub serializable_reads: bool,
+    /// Watchers send `RequestProgress` now and then (else they rely on periodic
+    /// progress notifications only; etcd before the fix of its issue 15220 answers
+    /// requests unsafely).
+    pub progress_requests: bool,
     pub seed: u64,
     pub check_budget: Duration,
     /// Where the history, verdict and timeline go.
@@ -291,7 +295,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         "starting {} members of {:?} (seed {})",
         cfg.nodes, cfg.target, cfg.seed
     );
-    let cluster = Cluster::start(cfg.target, cfg.nodes, &cfg.binary, &cfg.server_args).await?;
+    let mut server_args = cfg.server_args.clone();
+    if cfg.workload == Workload::Watch {
+        // Periodic progress notifications too, not only requested ones.
+        server_args.extend([
+            "--experimental-watch-progress-notify-interval".to_string(),
+            watch::PROGRESS_NOTIFY_INTERVAL.to_string(),
+        ]);
+    }
+    let cluster = Cluster::start(cfg.target, cfg.nodes, &cfg.binary, &server_args).await?;
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
     let shared = Arc::new(Shared {
@@ -399,11 +411,7 @@ async fn run_watch(
 ) -> anyhow::Result<Report> {
     let writers_n = (cfg.clients / 2).max(1);
     let watchers_n = (cfg.clients - writers_n).max(1);
-    let out = Arc::new(Mutex::new(watch::WatchHistory {
-        watchers: vec![Vec::new(); watchers_n],
-        gaps: vec![Vec::new(); watchers_n],
-        ..Default::default()
-    }));
+    let out = Arc::new(Mutex::new(watch::WatchHistory::new(watchers_n)));
     let final_rev = Arc::new(Mutex::new(None));
     let give_up = until + Duration::from_secs(90);
     let per_op = Duration::from_secs_f64(writers_n as f64 / cfg.rate.max(1) as f64);
@@ -413,6 +421,7 @@ async fn run_watch(
                 endpoints[i % endpoints.len()].clone(),
                 i,
                 cfg.keys,
+                cfg.seed,
                 until,
                 per_op,
                 out.clone(),
@@ -426,7 +435,11 @@ async fn run_watch(
                 i,
                 final_rev.clone(),
                 give_up,
-                cfg.nemesis.contains(&Fault::Compact).then_some(cfg.seed),
+                watch::WatcherOptions {
+                    seed: cfg.seed,
+                    lag: cfg.nemesis.contains(&Fault::Compact),
+                    progress_requests: cfg.progress_requests,
+                },
                 out.clone(),
             ))
         })
@@ -443,7 +456,7 @@ async fn run_watch(
     // The revision every watcher must reach.
     let mut c = etcd_client::Client::connect(endpoints.clone(), None).await?;
     let last = c
-        .get("jepsen/w/", None)
+        .get(watch::PREFIX, None)
         .await?
         .header()
         .map_or(0, |h| h.revision());
@@ -454,15 +467,21 @@ async fn run_watch(
     let started = Instant::now();
     let mut h = std::mem::take(&mut *out.lock().expect("lock"));
     h.compactions = faults.lock().expect("lock").compactions.clone();
+    h.write_jsonl(&cfg.report_dir.join("history.jsonl"))?;
     let problems = watch::check(&h, last);
     let events: usize = h.watchers.iter().map(Vec::len).sum();
-    eprintln!(
-        "{} acknowledged puts, final revision {last}, {} watchers saw {events} events, {} reconnects, {} compacted gaps",
+    let summary = format!(
+        "{} acknowledged writes ({} multi-key Txns), final revision {last}, {} watchers saw {events} events \
+         ({} with prev_kv), {} progress notifications, {} reconnects, {} compacted gaps",
         h.acked.len(),
+        h.acked.values().filter(|p| p.len() > 1).count(),
         h.watchers.len(),
+        h.watchers.iter().flatten().filter(|e| e.prev.is_some()).count(),
+        h.progress.iter().map(Vec::len).sum::<usize>(),
         h.reconnects,
         h.gaps.iter().map(Vec::len).sum::<usize>()
     );
+    eprintln!("{summary}");
     let report = Report {
         verdict: if problems.is_empty() {
             Verdict::Valid
@@ -475,7 +494,7 @@ async fn run_watch(
         faults: faults.lock().expect("lock").lines.clone(),
         check_time: started.elapsed(),
         recovered,
-        notes: Vec::new(),
+        notes: vec![summary],
     };
     write_report(&cfg, &report)?;
     Ok(report)

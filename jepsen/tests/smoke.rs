@@ -38,6 +38,7 @@ fn config(target: Target, nemesis: Vec<Fault>, secs: u64, name: &str) -> RunConf
         keys: 6,
         op_timeout: Duration::from_secs(3),
         serializable_reads: false,
+        progress_requests: true,
         seed: 7,
         check_budget: Duration::from_secs(60),
         report_dir: std::env::temp_dir()
