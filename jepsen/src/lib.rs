@@ -16,8 +16,12 @@
 //! Workloads implemented: `register` (reads, writes and compare-and-set over many
 //! keys, checked for linearizability), `append` (multi-key transactions, checked for
 //! strict serializability), `watch` (watchers resuming across faults, checked for
-//! etcd's watch guarantees, see [`watch`]), `lease` and `lock`. Nemeses: `kill`,
-//! `pause`, `partition`, `membership`.
+//! etcd's six watch guarantees and prev_kv, see [`watch`]), `lease` and `lock`.
+//! Nemeses: `kill`, `pause`, `partition`, `membership`, `compact` (see [`nemesis`]).
+//!
+//! Every workload runs through one runner ([`run`]): clients until `--time`, heal,
+//! wait for recovery, check, write the report; every request's outcome is
+//! classified by [`history::outcome`].
 
 pub mod append;
 pub mod checker;
