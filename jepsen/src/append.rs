@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, CompareOp, Txn as EtcdTxn, TxnOp, TxnOpResponse};
 
 use crate::elle::{Mop, Txn};
-use crate::history::Status;
+use crate::history::{outcome, Status};
 use crate::rng::Rng;
 use crate::{Clock, RunConfig};
 
@@ -153,11 +153,11 @@ async fn execute(c: &mut etcd_client::Client, mops: &[Mop]) -> Outcome {
                 .map(|k| TxnOp::put(*k, encode(&state[k].0), None))
                 .collect::<Vec<_>>(),
         );
-    match c.txn(commit).await {
-        Ok(r) if r.succeeded() => Outcome::Ok(done),
-        Ok(_) => Outcome::Fail(COMPARE_FAILED.into()),
-        Err(e) if crate::is_definite_failure(&e) => Outcome::Fail(e.to_string()),
-        Err(e) => Outcome::Info(e.to_string()),
+    match outcome(Some(c.txn(commit).await.map(|r| r.succeeded())), false) {
+        (Status::Ok, Some(true), _) => Outcome::Ok(done),
+        (Status::Ok, _, _) => Outcome::Fail(COMPARE_FAILED.into()),
+        (Status::Fail, _, e) => Outcome::Fail(e.unwrap_or_default()),
+        (Status::Info, _, e) => Outcome::Info(e.unwrap_or_default()),
     }
 }
 
@@ -168,7 +168,7 @@ pub async fn client(
     index: usize,
     until: Instant,
 ) {
-    let mut rng = Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng = Rng::for_client(cfg.seed, index);
     let mut process = index as u64;
     let per_client = Duration::from_secs_f64(cfg.clients as f64 / cfg.rate.max(1) as f64);
     let mut client: Option<etcd_client::Client> = None;

@@ -34,6 +34,52 @@ pub enum Status {
     Info,
 }
 
+/// How a request ended, for the history: `Some(Ok(_))` is `ok` with its result; an
+/// error is `fail` when the request certainly had no effect (it is `harmless`, like a
+/// read, or the error is definite), else `info`; `None` (timed out) is `fail` for a
+/// harmless request and `info` otherwise. Every workload classifies its requests here.
+pub fn outcome<T>(
+    result: Option<Result<T, etcd_client::Error>>,
+    harmless: bool,
+) -> (Status, Option<T>, Option<String>) {
+    match result {
+        Some(Ok(r)) => (Status::Ok, Some(r), None),
+        Some(Err(e)) if harmless || is_definite_failure(&e) => {
+            (Status::Fail, None, Some(e.to_string()))
+        }
+        Some(Err(e)) => (Status::Info, None, Some(e.to_string())),
+        None if harmless => (Status::Fail, None, Some("timeout".into())),
+        None => (Status::Info, None, Some("timeout".into())),
+    }
+}
+
+/// Whether a failed request certainly had no effect.
+pub fn is_definite_failure(e: &etcd_client::Error) -> bool {
+    match e {
+        // The connection could not be made: the request never left.
+        etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::Unavailable
+                && (s.message().contains("tcp connect error")
+                    || s.message().contains("Connection refused")) =>
+        {
+            true
+        }
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::NotFound
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+            ) || s.message() == "etcdserver: no leader"
+        }
+        _ => false,
+    }
+}
+
 /// One completed (or abandoned) client operation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Op {
@@ -116,5 +162,33 @@ impl History {
 
     pub fn count(&self, status: Status) -> usize {
         self.ops.iter().filter(|(_, s, _)| *s == status).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connections_are_definite_failures() {
+        let refused =
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("tcp connect error"));
+        assert!(is_definite_failure(&refused));
+        let lost = etcd_client::Error::GRpcStatus(tonic::Status::unknown("transport error"));
+        assert!(!is_definite_failure(&lost));
+        let changed = etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
+            "etcdserver: leader changed",
+        ));
+        assert!(!is_definite_failure(&changed));
+    }
+
+    #[test]
+    fn only_harmless_or_definite_errors_are_failures() {
+        let lost = || etcd_client::Error::GRpcStatus(tonic::Status::unknown("transport error"));
+        assert_eq!(outcome(Some(Ok(1)), false), (Status::Ok, Some(1), None));
+        assert_eq!(outcome::<()>(Some(Err(lost())), false).0, Status::Info);
+        assert_eq!(outcome::<()>(Some(Err(lost())), true).0, Status::Fail);
+        assert_eq!(outcome::<()>(None, false).0, Status::Info);
+        assert_eq!(outcome::<()>(None, true).0, Status::Fail);
     }
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{GetOptions, LeaseGrantOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::history::Status;
+use crate::history::{outcome, Status};
 use crate::rng::Rng;
 use crate::{Clock, RunConfig};
 
@@ -128,16 +128,7 @@ impl Recorder {
         let invoke = self.clock.now();
         let result = tokio::time::timeout(timeout, request).await;
         let complete = self.clock.now();
-        let harmless = call == Call::Read;
-        let (status, ret, error) = match result {
-            Ok(Ok(r)) => (Status::Ok, Some(r), None),
-            Ok(Err(e)) if harmless || crate::is_definite_failure(&e) => {
-                (Status::Fail, None, Some(e.to_string()))
-            }
-            Ok(Err(e)) => (Status::Info, None, Some(e.to_string())),
-            Err(_) if harmless => (Status::Fail, None, Some("timeout".into())),
-            Err(_) => (Status::Info, None, Some("timeout".into())),
-        };
+        let (status, ret, error) = outcome(result.ok(), call == Call::Read);
         self.ops.lock().expect("ops lock").push(LeaseOp {
             process,
             call,
@@ -148,6 +139,47 @@ impl Recorder {
             error,
         });
         ret
+    }
+
+    /// Grants a new lease (its ID chosen here) and records it; the ID if acknowledged.
+    pub async fn grant(
+        &self,
+        c: &mut etcd_client::Client,
+        process: usize,
+        ttl: i64,
+        timeout: Duration,
+    ) -> Option<i64> {
+        let lease = self.new_lease();
+        let grant = c.lease_grant(ttl, Some(LeaseGrantOptions::new().with_id(lease)));
+        self.record(process, Call::Grant { lease, ttl }, timeout, async {
+            grant.await.map(|r| Ret::Ttl(r.ttl()))
+        })
+        .await
+        .map(|_| lease)
+    }
+
+    /// Revokes a lease and records it; true if acknowledged.
+    pub async fn revoke(
+        &self,
+        c: &mut etcd_client::Client,
+        process: usize,
+        lease: i64,
+        timeout: Duration,
+    ) -> bool {
+        let revoke = c.lease_revoke(lease);
+        self.record(process, Call::Revoke { lease }, timeout, async {
+            revoke.await.map(|_| Ret::Done)
+        })
+        .await
+        .is_some()
+    }
+
+    /// Sends one keep-alive and records it; true if answered.
+    pub async fn keep_alive(&self, process: usize, k: &mut Keeper, timeout: Duration) -> bool {
+        let lease = k.lease;
+        self.record(process, Call::KeepAlive { lease }, timeout, k.once())
+            .await
+            .is_some()
     }
 
     pub fn write_history(&self, path: &Path) -> std::io::Result<()> {
@@ -162,17 +194,36 @@ impl Recorder {
     }
 }
 
-/// Sends one keep-alive on an open stream; the TTL the server answered.
-pub async fn keep_alive_once(
-    keeper: &mut etcd_client::LeaseKeeper,
-    stream: &mut etcd_client::LeaseKeepAliveStream,
-) -> Result<Ret, etcd_client::Error> {
-    keeper.keep_alive().await?;
-    match stream.message().await? {
-        Some(r) => Ok(Ret::Ttl(r.ttl())),
-        None => Err(etcd_client::Error::LeaseKeepAliveError(
-            "keep-alive stream ended".into(),
-        )),
+/// An open keep-alive stream of one lease.
+pub struct Keeper {
+    lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Keeper {
+    /// Opens the stream (nothing is sent yet, so nothing to record).
+    pub async fn open(c: &mut etcd_client::Client, lease: i64, timeout: Duration) -> Option<Self> {
+        let (keeper, stream) = tokio::time::timeout(timeout, c.lease_keep_alive(lease))
+            .await
+            .ok()?
+            .ok()?;
+        Some(Keeper {
+            lease,
+            keeper,
+            stream,
+        })
+    }
+
+    /// Sends one keep-alive; the TTL the server answered.
+    async fn once(&mut self) -> Result<Ret, etcd_client::Error> {
+        self.keeper.keep_alive().await?;
+        match self.stream.message().await? {
+            Some(r) => Ok(Ret::Ttl(r.ttl())),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive stream ended".into(),
+            )),
+        }
     }
 }
 
@@ -195,7 +246,7 @@ pub async fn client(
     index: usize,
     until: Instant,
 ) {
-    let mut rng = Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng = Rng::for_client(cfg.seed, index);
     let t = cfg.op_timeout;
     let mut client: Option<etcd_client::Client> = None;
     while Instant::now() < until {
@@ -209,16 +260,11 @@ pub async fn client(
             }
         }
         let c = client.as_mut().expect("connected");
-        let lease = rec.new_lease();
         let ttl = 2 + rng.below(2) as i64;
-        let grant = c.lease_grant(ttl, Some(LeaseGrantOptions::new().with_id(lease)));
-        let grant = rec.record(index, Call::Grant { lease, ttl }, t, async {
-            grant.await.map(|r| Ret::Ttl(r.ttl()))
-        });
-        if grant.await.is_none() {
+        let Some(lease) = rec.grant(c, index, ttl, t).await else {
             client = None;
             continue;
-        }
+        };
         let put = c.put(key(lease), "x", Some(PutOptions::new().with_lease(lease)));
         let put = rec.record(index, Call::Put { lease }, t, async {
             put.await.map(|_| Ret::Done)
@@ -239,32 +285,21 @@ pub async fn client(
         let hold_until = Instant::now() + hold;
         let mut keeper = None;
         if plan == 0 {
-            if let Ok(Ok(k)) = tokio::time::timeout(t, c.lease_keep_alive(lease)).await {
-                keeper = Some(k);
-            }
+            keeper = Keeper::open(c, lease, t).await;
         }
         let mut next_keep_alive = Instant::now() + Duration::from_millis(ttl_ms / 3);
         let mut broken = false;
         while Instant::now() < hold_until && Instant::now() < until && !broken {
             let read = rec.record(index, Call::Read, t, read_prefix(c));
             broken |= read.await.is_none();
-            if let (Some((keeper, stream)), true) = (&mut keeper, Instant::now() >= next_keep_alive)
-            {
-                let ka = keep_alive_once(keeper, stream);
-                broken |= rec
-                    .record(index, Call::KeepAlive { lease }, t, ka)
-                    .await
-                    .is_none();
+            if let (Some(k), true) = (&mut keeper, Instant::now() >= next_keep_alive) {
+                broken |= !rec.keep_alive(index, k, t).await;
                 next_keep_alive = Instant::now() + Duration::from_millis(ttl_ms / 3);
             }
             tokio::time::sleep(Duration::from_millis(50 + rng.below(100))).await;
         }
         if plan != 2 && !broken {
-            let revoke = c.lease_revoke(lease);
-            let revoke = rec.record(index, Call::Revoke { lease }, t, async {
-                revoke.await.map(|_| Ret::Done)
-            });
-            broken |= revoke.await.is_none();
+            broken |= !rec.revoke(c, index, lease, t).await;
         }
         if broken {
             client = None;

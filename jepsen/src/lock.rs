@@ -27,11 +27,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, LeaseGrantOptions, LockOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, LockOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use crate::history::Status;
-use crate::lease::{keep_alive_once, Call, LeaseOp, Recorder, Ret};
+use crate::history::{outcome, Status};
+use crate::lease::{Call, Keeper, LeaseOp, Recorder, Ret};
 use crate::rng::Rng;
 use crate::RunConfig;
 
@@ -78,12 +78,7 @@ where
     let invoke = shared.leases.clock.now();
     let result = tokio::time::timeout(timeout, request).await;
     let complete = shared.leases.clock.now();
-    let (status, ok, error) = match result {
-        Ok(Ok(b)) => (Status::Ok, Some(b), None),
-        Ok(Err(e)) if crate::is_definite_failure(&e) => (Status::Fail, None, Some(e.to_string())),
-        Ok(Err(e)) => (Status::Info, None, Some(e.to_string())),
-        Err(_) => (Status::Info, None, Some("timeout".into())),
-    };
+    let (status, ok, error) = outcome(result.ok(), false);
     shared.locks.lock().expect("locks").push(LockOp {
         process,
         call,
@@ -103,7 +98,7 @@ pub async fn client(
     index: usize,
     until: Instant,
 ) {
-    let mut rng = Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng = Rng::for_client(cfg.seed, index);
     let t = cfg.op_timeout;
     let rec = &shared.leases;
     while Instant::now() < until {
@@ -111,23 +106,16 @@ pub async fn client(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let lease = rec.new_lease();
-        let grant = c.lease_grant(TTL, Some(LeaseGrantOptions::new().with_id(lease)));
-        let grant = rec.record(index, Call::Grant { lease, ttl: TTL }, t, async {
-            grant.await.map(|r| Ret::Ttl(r.ttl()))
-        });
-        if grant.await.is_none() {
+        let Some(lease) = rec.grant(&mut c, index, TTL, t).await else {
             continue;
-        }
+        };
         // Keep the lease alive from another task until the hold ends.
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let keeper = {
             let shared = shared.clone();
             let mut c = c.clone();
             tokio::spawn(async move {
-                let Ok(Ok((mut k, mut s))) =
-                    tokio::time::timeout(t, c.lease_keep_alive(lease)).await
-                else {
+                let Some(mut k) = Keeper::open(&mut c, lease, t).await else {
                     return;
                 };
                 loop {
@@ -135,13 +123,7 @@ pub async fn client(
                         _ = stopped.wait_for(|s| *s) => return,
                         _ = tokio::time::sleep(Duration::from_millis(TTL as u64 * 1000 / 4)) => {}
                     }
-                    let ka = keep_alive_once(&mut k, &mut s);
-                    if shared
-                        .leases
-                        .record(index, Call::KeepAlive { lease }, t, ka)
-                        .await
-                        .is_none()
-                    {
+                    if !shared.leases.keep_alive(index, &mut k, t).await {
                         return;
                     }
                 }
@@ -176,11 +158,7 @@ pub async fn client(
         stop.send_replace(true);
         let _ = keeper.await;
         // Let the lease go now rather than in TTL (best effort, still recorded).
-        let revoke = c.lease_revoke(lease);
-        rec.record(index, Call::Revoke { lease }, t, async {
-            revoke.await.map(|_| Ret::Done)
-        })
-        .await;
+        rec.revoke(&mut c, index, lease, t).await;
     }
 }
 

@@ -51,6 +51,10 @@ struct Args {
     /// Read with `serializable` (stale reads possible: expected to fail under partitions).
     #[arg(long)]
     serializable_reads: bool,
+    /// Watch workload: rely on periodic progress notifications only, never send
+    /// RequestProgress (etcd 3.4.23 answers it before pending events: etcd issue 15220).
+    #[arg(long)]
+    no_progress_requests: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Seconds the checker may spend before answering unknown.
@@ -98,6 +102,7 @@ fn main() {
         keys: a.keys,
         op_timeout: Duration::from_millis(a.op_timeout_ms),
         serializable_reads: a.serializable_reads,
+        progress_requests: !a.no_progress_requests,
         seed: a.seed,
         check_budget: Duration::from_secs(a.check_budget),
         report_dir: a.report,

@@ -8,6 +8,11 @@ impl Rng {
         Rng(seed)
     }
 
+    /// The generator of client `index` of a run seeded with `seed`.
+    pub fn for_client(seed: u64, index: usize) -> Self {
+        Rng(seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;

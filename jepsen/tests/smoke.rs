@@ -1,7 +1,8 @@
 //! The short runs of the default test suite: Pontoon under kill and partition faults
 //! is linearizable (and strict serializable for list-append transactions), real etcd
 //! 3.4 under the same faults is too, stale (serializable) reads under partitions are
-//! caught, watchers lose nothing, leases and locks keep their promises. About 1.5
+//! caught, watchers lose nothing (and get atomic revisions, right prev_kv and true
+//! progress notifications), leases and locks keep their promises. About 1.5
 //! minutes with two test threads. Longer runs: see jepsen/README.md.
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ fn config(target: Target, nemesis: Vec<Fault>, secs: u64, name: &str) -> RunConf
         keys: 6,
         op_timeout: Duration::from_secs(3),
         serializable_reads: false,
+        progress_requests: true,
         seed: 7,
         check_budget: Duration::from_secs(60),
         report_dir: std::env::temp_dir()
@@ -106,6 +108,15 @@ async fn pontoon_watchers_lose_nothing_under_kill_and_partition() {
     let r = run(cfg).await.unwrap();
     assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
     assert!(r.ok > 500, "enough writes: {r:?}");
+    // The atomic, prev_kv and bookmarkable checks had something to check.
+    let summary = &r.notes[0];
+    for none in [
+        "(0 multi-key",
+        "(0 with prev_kv)",
+        " 0 progress notifications",
+    ] {
+        assert!(!summary.contains(none), "{summary}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
