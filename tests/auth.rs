@@ -222,6 +222,17 @@ async fn attempt(c: &mut Client, op: &str, x: &str) -> (Vec<(&'static str, Perm)
                 c.txn(t).await.map(drop),
             )
         }
+        "txn-read" => {
+            // A Txn that cannot write is served as a read (no raft), still checked.
+            let t = Txn::new()
+                .when([Compare::version(key.as_str(), CompareOp::Greater, 0)])
+                .and_then([TxnOp::get(key.as_str(), None)])
+                .or_else([TxnOp::get(
+                    key.as_str(),
+                    Some(GetOptions::new().with_serializable()),
+                )]);
+            (vec![(leak, Perm::Read)], c.txn(t).await.map(drop))
+        }
         "watch" => {
             let mut stream = c
                 .watch(format!("/{x}/"), Some(WatchOptions::new().with_prefix()))
@@ -274,6 +285,7 @@ async fn matrix(target: Target) {
             "put-prev-kv",
             "delete",
             "txn-compare",
+            "txn-read",
             "watch",
         ] {
             for x in ["r", "w", "rw"] {
@@ -305,7 +317,7 @@ async fn matrix(target: Target) {
         }
         assert!(c.member_list().await.is_ok(), "{user} may list members");
     }
-    assert_eq!(checked, 4 * 7 * 3);
+    assert_eq!(checked, 4 * 8 * 3);
 
     // Revoking a lease needs write permission on every key attached to it.
     let mut root = connect(&m, Some("root")).await;

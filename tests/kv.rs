@@ -461,6 +461,57 @@ async fn txn_errors_are_etcds() {
         )
     );
     assert!(c.get("z1", None).await.unwrap().kvs().is_empty());
+
+    // Read-only Txns are served without raft, with the same revision checks.
+    let rev = c
+        .get("k0", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let future = Txn::new().and_then([TxnOp::get(
+        "k0",
+        Some(GetOptions::new().with_revision(rev + 1)),
+    )]);
+    let e = c.txn(future).await.unwrap_err();
+    assert_eq!(
+        grpc_status(&e),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision".into()
+        )
+    );
+    c.compact(rev, None).await.unwrap();
+    let old = Txn::new()
+        .when([Compare::version("k0", CompareOp::Equal, 2)])
+        .or_else([TxnOp::get(
+            "k0",
+            Some(GetOptions::new().with_revision(rev - 1)),
+        )]);
+    let e = c.txn(old).await.unwrap_err();
+    assert_eq!(
+        grpc_status(&e),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted".into()
+        )
+    );
+    // The compare holds, so the compacted read on the failure branch never runs.
+    let old = Txn::new()
+        .when([Compare::version("k0", CompareOp::Equal, 1)])
+        .and_then([TxnOp::get("k0", None)])
+        .or_else([TxnOp::get(
+            "k0",
+            Some(GetOptions::new().with_revision(rev - 1)),
+        )]);
+    let r = c.txn(old).await.unwrap();
+    assert!(r.succeeded());
+    assert_eq!(r.header().unwrap().revision(), rev);
+    match &r.op_responses()[0] {
+        TxnOpResponse::Get(g) => assert_eq!(g.kvs()[0].value(), b"v"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

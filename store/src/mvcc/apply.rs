@@ -22,7 +22,7 @@ use pontoon_proto::etcdserverpb::{
 };
 use pontoon_proto::mvccpb::KeyValue;
 
-use super::range::{range, resolve_read_revision};
+use super::range::{range, range_capped, resolve_read_revision};
 use super::span::KeySpan;
 use super::view::ReadView;
 use super::write::WriteTxn;
@@ -71,7 +71,7 @@ pub fn delete_range(txn: &mut WriteTxn<'_>, d: &DeleteRangeRequest) -> Result<De
 
 pub fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest, compacted: i64) -> Result<TxnResponse> {
     let mut path = Vec::new();
-    compare_path(txn, req, &mut path)?;
+    compare_path(txn, txn.read_revision(), req, &mut path)?;
     let mut cursor = path.iter().copied();
     check_ops(txn, req, &mut cursor, compacted)?;
     let mut cursor = path.iter().copied();
@@ -80,12 +80,96 @@ pub fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest, compacted: i64) -> Result<T
     Ok(resp)
 }
 
-/// Evaluates the compares of `req` and, depth first, of the nested Txns on the branch
-/// each compare selects, recording each outcome in `path`.
-fn compare_path(view: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Result<()> {
+/// A Txn that writes nothing ([`txn_is_read_only`]), served from a read view at
+/// revision `current` without going through raft, as etcd serves one. The same steps
+/// as [`txn`]: compares first, then every Range's revision is checked before any runs.
+/// Each Range is refused past `max_bytes`, as a plain Range is (this Txn is served by
+/// one member only, so the cap cannot make members disagree).
+pub fn read_only_txn(
+    view: &dyn ReadView,
+    req: &TxnRequest,
+    current: i64,
+    compacted: i64,
+    max_bytes: usize,
+) -> Result<TxnResponse> {
+    debug_assert!(txn_is_read_only(req));
+    let mut path = Vec::new();
+    compare_path(view, current, req, &mut path)?;
+    check_read_ops(req, &mut path.iter().copied(), current, compacted)?;
+    let mut path = path.iter().copied();
+    let mut resp = run_read_ops(view, req, &mut path, current, compacted, max_bytes)?;
+    resp.header = header(current);
+    Ok(resp)
+}
+
+fn check_read_ops(
+    req: &TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+    current: i64,
+    compacted: i64,
+) -> Result<()> {
+    let ok = path.next().expect("compare path covers every txn");
+    for op in branch(req, ok) {
+        match &op.request {
+            Some(Request::RequestRange(r)) => {
+                resolve_read_revision(r.revision, current, compacted)?;
+            }
+            Some(Request::RequestTxn(nested)) => check_read_ops(nested, path, current, compacted)?,
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => {
+                unreachable!("read-only txn")
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_read_ops(
+    view: &dyn ReadView,
+    req: &TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+    current: i64,
+    compacted: i64,
+    max_bytes: usize,
+) -> Result<TxnResponse> {
+    let ok = path.next().expect("compare path covers every txn");
+    let mut responses = Vec::new();
+    for op in branch(req, ok) {
+        let response = match &op.request {
+            Some(Request::RequestRange(r)) => Some(Response::ResponseRange(range_capped(
+                view, r, current, compacted, max_bytes,
+            )?)),
+            Some(Request::RequestTxn(nested)) => {
+                let mut r = run_read_ops(view, nested, path, current, compacted, max_bytes)?;
+                r.header = Some(ResponseHeader::default());
+                Some(Response::ResponseTxn(r))
+            }
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => {
+                unreachable!("read-only txn")
+            }
+            None => None,
+        };
+        responses.push(ResponseOp { response });
+    }
+    Ok(TxnResponse {
+        header: None,
+        succeeded: ok,
+        responses,
+    })
+}
+
+/// Evaluates the compares of `req` (against `view` at revision `at`) and, depth first,
+/// of the nested Txns on the branch each compare selects, recording each outcome in
+/// `path`.
+fn compare_path(
+    view: &dyn ReadView,
+    at: i64,
+    req: &TxnRequest,
+    path: &mut Vec<bool>,
+) -> Result<()> {
     let mut ok = true;
     for c in &req.compare {
-        if !compare(view, c)? {
+        if !compare(view, at, c)? {
             ok = false;
             break;
         }
@@ -93,7 +177,7 @@ fn compare_path(view: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> 
     path.push(ok);
     for op in branch(req, ok) {
         if let Some(Request::RequestTxn(nested)) = &op.request {
-            compare_path(view, nested, path)?;
+            compare_path(view, at, nested, path)?;
         }
     }
     Ok(())
@@ -163,8 +247,7 @@ fn run_txn(
 
 /// etcd's compare: against every key in the compare's range, all must match. With no
 /// key present, a VALUE compare is false and the others compare against zero.
-fn compare(view: &WriteTxn<'_>, c: &Compare) -> Result<bool> {
-    let at = view.read_revision();
+fn compare(view: &dyn ReadView, at: i64, c: &Compare) -> Result<bool> {
     let span = KeySpan::new(&c.key, &c.range_end);
     let mut kvs: Vec<KeyValue> = Vec::new();
     let mut err = None;
@@ -262,6 +345,16 @@ pub fn txn_writes(req: &TxnRequest) -> bool {
             Some(Request::RequestTxn(t)) => txn_writes(t),
             _ => false,
         })
+}
+
+/// etcd's `isTxnSerializable`: every operation on either branch is a Range asking
+/// for a serializable read (so an op-less Txn is too). Such a read-only Txn skips
+/// the read-index round.
+pub fn txn_is_serializable(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| matches!(&op.request, Some(Request::RequestRange(r)) if r.serializable))
 }
 
 /// True if no operation of `req` (on either branch, at any depth) writes.

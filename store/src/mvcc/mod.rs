@@ -48,7 +48,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOp
 use pontoon_proto::etcdserverpb::{
     AlarmResponse, CompactionResponse, DeleteRangeResponse, LeaseGrantResponse,
     LeaseRevokeResponse, Member, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
-    TxnResponse,
+    TxnRequest, TxnResponse,
 };
 use pontoon_proto::internal::internal_request::Request as InternalOp;
 use pontoon_proto::internal::InternalRequest;
@@ -226,6 +226,17 @@ impl MvccStore {
         let compacted = self.compact_revision();
         drop(installing);
         range::range_capped(&view, req, current, compacted, max_bytes)
+    }
+
+    /// Serves a read-only Txn ([`apply::txn_is_read_only`]) from a consistent
+    /// snapshot at the current revision, each Range capped at `max_bytes`.
+    pub fn read_only_txn(&self, req: &TxnRequest, max_bytes: usize) -> Result<TxnResponse> {
+        let installing = self.install_lock.read().expect("install lock");
+        let current = self.current_revision();
+        let view = view::SnapView::new(self);
+        let compacted = self.compact_revision();
+        drop(installing);
+        apply::read_only_txn(&view, req, current, compacted, max_bytes)
     }
 
     /// Reads a value from the `meta` column family.

@@ -2,7 +2,8 @@
 //!
 //! Writes are validated, proposed through raft and answered after apply. Range is a
 //! read: linearizable by default (a read-index round, then a local read once this
-//! member has applied up to it), or served locally at once when `serializable`.
+//! member has applied up to it), or served locally at once when `serializable`; so is
+//! a Txn none of whose operations can write, as in etcd.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use pontoon_proto::internal::internal_request::Request as InternalOp;
 use super::status::to_status;
 use super::validate;
 use super::EtcdServer;
-use crate::mvcc::ApplyResponse;
+use crate::mvcc::{apply, ApplyResponse};
 
 pub struct KvService {
     server: Arc<EtcdServer>,
@@ -80,6 +81,24 @@ impl Kv for KvService {
         let who = self.server.caller(&req)?;
         let req = req.into_inner();
         validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
+        if apply::txn_is_read_only(&req) {
+            // As etcd: a Txn that cannot write is a read, served here without raft.
+            if !apply::txn_is_serializable(&req) {
+                self.server.raft.read_index().await.map_err(to_status)?;
+            }
+            let mut needs = Vec::new();
+            crate::auth::txn_needs(&req, &mut needs);
+            for (key, range_end, _) in &needs {
+                self.server.check_read(&who, key, range_end)?;
+            }
+            let mut resp = self
+                .server
+                .mvcc
+                .read_only_txn(&req, self.server.max_range_bytes)
+                .map_err(to_status)?;
+            self.server.fill_header(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
         let op = InternalOp::Txn(req);
         let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Txn(t) => Ok(t),
