@@ -418,6 +418,7 @@ impl RaftNode {
             reads_new: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
+            removed: false,
         };
         let fatal = on_fatal.clone();
         let raft_thread = std::thread::Builder::new()
@@ -550,14 +551,12 @@ impl RaftNode {
         self.wait(id, rx).await
     }
 
-    /// Size in bytes of the log entry a proposal of `op` would write.
+    /// Size in bytes of the log entry a proposal of `op` would write (before the
+    /// auth header): the request plus the largest request id's field.
     pub fn proposal_size(op: &InternalOp) -> usize {
-        InternalRequest {
-            id: u64::MAX,
-            request: Some(op.clone()),
-            header: None,
-        }
-        .encoded_len()
+        /// Tag byte and a 10-byte varint.
+        const ID_FIELD: usize = 11;
+        op.encoded_len() + ID_FIELD
     }
 
     /// Linearizable read barrier: returns once this member has applied every entry
@@ -641,6 +640,11 @@ struct Driver {
     /// Read-index rounds in flight, by context, with the ticks they have waited.
     reads_in_flight: HashMap<u64, (Vec<ReadWaiter>, usize)>,
     next_read_ctx: u64,
+    /// A committed conf change removed this member: raft-rs must not be driven any
+    /// further (a removed leader has no progress entry of its own, and advancing or
+    /// proposing would panic inside raft-rs); the apply thread stops the member once
+    /// it reaches the removal.
+    removed: bool,
 }
 
 enum Queued {
@@ -676,6 +680,12 @@ impl Driver {
             self.flush_queued();
             self.issue_reads();
             self.on_ready()?;
+            if self.removed {
+                // Proposals still waiting may yet be committed by the others: they
+                // stay unanswered (indeterminate) until the process stops.
+                tracing::info!("this member's removal is committed; raft stops");
+                return Ok(());
+            }
         }
     }
 
@@ -890,6 +900,11 @@ impl Driver {
             self.install_snapshot(snap)?;
         }
         self.handle_committed(ready.take_committed_entries())?;
+        if self.removed {
+            // Entries of this Ready not yet persisted were never committed; the
+            // cluster goes on without them and without this member.
+            return Ok(());
+        }
         if !ready.entries().is_empty() {
             self.raw.mut_store().append(ready.entries())?;
         }
@@ -910,6 +925,9 @@ impl Driver {
         let msgs = light.take_messages();
         self.send_messages(msgs);
         self.handle_committed(light.take_committed_entries())?;
+        if self.removed {
+            return Ok(());
+        }
         self.raw.advance_apply();
         self.status
             .commit
@@ -974,22 +992,38 @@ impl Driver {
             return Ok(());
         }
         let mut rejected = HashSet::new();
+        let me = self.raw.raft.id;
         for e in &entries {
-            let cs = match e.get_entry_type() {
+            let (cs, removes_me) = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .map_err(|err| Error::Corrupt(format!("conf change {}: {err}", e.index)))?;
-                    self.raw.apply_conf_change(&cc)
+                    let removes_me =
+                        cc.get_change_type() == ConfChangeType::RemoveNode && cc.node_id == me;
+                    (self.raw.apply_conf_change(&cc), removes_me)
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .map_err(|err| Error::Corrupt(format!("conf change {}: {err}", e.index)))?;
-                    self.raw.apply_conf_change(&cc)
+                    let removes_me = cc.get_changes().iter().any(|c| {
+                        c.get_change_type() == ConfChangeType::RemoveNode && c.node_id == me
+                    });
+                    (self.raw.apply_conf_change(&cc), removes_me)
                 }
                 EntryType::EntryNormal => continue,
             };
             match cs {
-                Ok(cs) => self.raw.mut_store().set_conf_state(e.index, cs),
+                Ok(cs) => {
+                    self.raw.mut_store().set_conf_state(e.index, cs);
+                    if removes_me {
+                        self.removed = true;
+                        // Nothing after our removal concerns us; the apply thread
+                        // gets the entries up to it.
+                        let upto = entries.iter().position(|x| x.index == e.index);
+                        let entries = entries[..=upto.expect("entry is in the list")].to_vec();
+                        return self.hand_to_apply(entries, rejected);
+                    }
+                }
                 Err(err) => {
                     // Deterministic: every member refuses the same change.
                     tracing::warn!(index = e.index, error = %err, "conf change refused");
@@ -997,6 +1031,10 @@ impl Driver {
                 }
             }
         }
+        self.hand_to_apply(entries, rejected)
+    }
+
+    fn hand_to_apply(&mut self, entries: Vec<Entry>, rejected: HashSet<u64>) -> Result<()> {
         self.status
             .proposals_committed
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -1146,5 +1184,29 @@ impl Applier {
             return Err(Error::MemberRemoved);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pontoon_proto::etcdserverpb::PutRequest;
+
+    #[test]
+    fn proposal_size_is_the_encoded_entry_without_header() {
+        for len in [0usize, 1, 300, 70_000] {
+            let op = InternalOp::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: vec![1; len],
+                ..Default::default()
+            });
+            let full = InternalRequest {
+                id: u64::MAX,
+                request: Some(op.clone()),
+                header: None,
+            }
+            .encoded_len();
+            assert_eq!(RaftNode::proposal_size(&op), full);
+        }
     }
 }

@@ -199,12 +199,21 @@ impl Lease for LeaseService {
 
 /// Renews a lease on the leader's lessor (forwarding when this member follows), as
 /// etcd's followers forward keep-alives. Returns the TTL, 0 if there is no such lease.
+///
+/// The member that acknowledged a LeaseGrant had applied it, but the leader may not
+/// have yet (it commits first, and applies on its own thread): a lease the leader
+/// does not know is looked up again once the leader has applied everything
+/// committed, so a keep-alive sent right after a grant never reads "not found".
 pub async fn renew(server: &EtcdServer, lessor: &Lessor, id: i64) -> Result<i64, Status> {
     if server.raft.status().is_leader() {
-        return match server.mvcc.lease_get(id).map_err(to_status)? {
-            Some(rec) => Ok(lessor.refresh(&rec)),
-            None => Ok(0),
+        let rec = match server.mvcc.lease_get(id).map_err(to_status)? {
+            Some(rec) => Some(rec),
+            None => {
+                server.raft.read_index().await.map_err(to_status)?;
+                server.mvcc.lease_get(id).map_err(to_status)?
+            }
         };
+        return Ok(rec.map_or(0, |rec| lessor.refresh(&rec)));
     }
     let mut leader = server.leader_peer().await?;
     let r = leader
