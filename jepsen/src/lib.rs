@@ -398,12 +398,31 @@ async fn run_watch(mut run: Run) -> anyhow::Result<Report> {
     let problems = watch::check(&h, last);
     let events: usize = h.watchers.iter().map(Vec::len).sum();
     let summary = format!(
-        "{} acknowledged writes ({} multi-key Txns), final revision {last}, {} watchers saw {events} events \
-         ({} with prev_kv), {} progress notifications, {} reconnects, {} compacted gaps",
+        "{} acknowledged writes ({} multi-key Txns, {} deletes, {} deletes in Txns, {} no-op deletes), \
+         final revision {last}, {} watchers saw {events} events ({} with prev_kv, {} deletes, \
+         {} deletes with prev_kv), {} progress notifications, {} reconnects, {} compacted gaps",
         h.acked.len(),
         h.acked.values().filter(|p| p.len() > 1).count(),
+        h.acked
+            .values()
+            .flatten()
+            .filter(|(_, c)| *c == watch::Change::Delete)
+            .count(),
+        h.acked
+            .values()
+            .filter(|p| p.len() > 1)
+            .flatten()
+            .filter(|(_, c)| *c == watch::Change::Delete)
+            .count(),
+        h.noop_deletes.len(),
         h.watchers.len(),
         h.watchers.iter().flatten().filter(|e| e.prev.is_some()).count(),
+        h.watchers.iter().flatten().filter(|e| e.delete).count(),
+        h.watchers
+            .iter()
+            .flatten()
+            .filter(|e| e.delete && e.prev.is_some())
+            .count(),
         h.progress.iter().map(Vec::len).sum::<usize>(),
         h.reconnects,
         h.gaps.iter().map(Vec::len).sum::<usize>()

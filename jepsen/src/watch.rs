@@ -1,5 +1,6 @@
-//! The `watch` workload: writers put unique values under one prefix (one key per put,
-//! or several in one Txn) while watchers, spread over the members, watch the prefix
+//! The `watch` workload: writers put unique values under one prefix and sometimes
+//! delete a key (one key per request, or several in one Txn that may also delete)
+//! while watchers, spread over the members, watch the prefix
 //! from revision 1 with `prev_kv` and `progress_notify`, ask for progress now and then
 //! (`RequestProgress`), and resume from their last revision + 1 on any error (on
 //! another member), as etcd clients do.
@@ -15,19 +16,33 @@
 //!   other, never split across responses; and a revision carries exactly the keys its
 //!   write put (the acknowledged Txn's keys, and the same set for every watcher);
 //! - **correct**: each acknowledged write appears at the revision its response named,
-//!   with its keys and values;
-//! - **agreement**: all watchers report the same keys and values for a revision;
-//! - **prev_kv**: an event's `prev_kv` is the key's previous event in revision order
-//!   (value and `mod_revision`; its `version` is one less), or absent when the key had
-//!   none. The previous event is taken from the union of what all watchers saw, and
-//!   only where it is known: a revision nobody saw (compacted away for everyone) makes
-//!   every key's previous value unknown until the key is written again. etcd leaves
-//!   `prev_kv` out when the revision before the event is compacted, so a missing
-//!   `prev_kv` is excused below the highest compaction;
+//!   with its keys and values, and each acknowledged delete that deleted the key as a
+//!   DELETE event of the key at that revision. A delete event has etcd's tombstone
+//!   shape: `mod_revision` = the delete's revision, empty value, `version` 0 and
+//!   `create_revision` 0; a put has `version` >= 1, and `version` 1 exactly when
+//!   `create_revision` is its own revision;
+//! - **no-op deletes**: a delete of a key that does not exist (acknowledged with
+//!   `deleted` = 0) creates no revision and no event; its response names the current
+//!   revision, which belongs to another write, and the key must be absent there (where
+//!   the union of the watchers knows it). A DELETE event of a key known to be absent
+//!   (never written, or last deleted) is a phantom; a revision without events shows up
+//!   as a lost event;
+//! - **agreement**: all watchers report the same keys, event types and values for a
+//!   revision;
+//! - **prev_kv**: an event's `prev_kv` (a put's or a delete's) is the key's previous
+//!   put in revision order (value and `mod_revision`; a put's `version` is one more
+//!   than it and its `create_revision` the same), or absent when the key had no value:
+//!   before its first write and after a delete, where the next put must have
+//!   `version` 1 and `create_revision` = its own revision. The previous event is taken
+//!   from the union of what all watchers saw, and only where it is known: a revision
+//!   nobody saw (compacted away for everyone) makes every key's previous value unknown
+//!   until the key is written or deleted again. etcd leaves `prev_kv` out when the
+//!   revision before the event is compacted, so a missing `prev_kv` is excused below
+//!   the highest compaction;
 //! - **bookmarkable**: a progress notification (a response with no events that is
 //!   neither `created` nor `canceled`) at revision R promises every event up to R was
 //!   delivered: no later event may have a revision <= R, and since every revision has
-//!   an event, every revision up to R must already have arrived (or lie in an
+//!   an event (a no-op delete makes none), every revision up to R must already have arrived (or lie in an
 //!   announced compaction gap). Watchers resume from R + 1 after a notification, so a
 //!   false promise also shows up as lost events.
 //!
@@ -45,7 +60,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use serde::Serialize;
 
 use crate::rng::Rng;
@@ -56,21 +71,35 @@ pub const PREFIX: &str = "jepsen/w/";
 /// (`--experimental-watch-progress-notify-interval`, a flag etcd 3.4 and Pontoon share).
 pub const PROGRESS_NOTIFY_INTERVAL: &str = "1s";
 
+/// What a write did to one key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    Put(String),
+    /// A delete that deleted the key (a DELETE event).
+    Delete,
+}
+
 /// A key's value before an event, as the event's `prev_kv` gave it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Prev {
     pub value: String,
     pub mod_rev: i64,
     pub version: i64,
+    pub create_rev: i64,
 }
 
 /// One event as a watcher saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Seen {
+    /// The event's `mod_revision`.
     pub rev: i64,
     pub key: String,
+    /// A DELETE event (else a PUT).
+    pub delete: bool,
     pub value: String,
     pub version: i64,
+    pub create_rev: i64,
     /// The number of the response that brought it (counted per watcher over all its
     /// streams), to tell whether a revision's events came together.
     pub resp: u64,
@@ -88,8 +117,12 @@ pub struct Progress {
 /// What the writers and watchers recorded.
 #[derive(Default)]
 pub struct WatchHistory {
-    /// Acknowledged writes: revision -> the (key, value) pairs it put, sorted by key.
-    pub acked: BTreeMap<i64, Vec<(String, String)>>,
+    /// Acknowledged writes: revision -> the keys it put or deleted, sorted by key.
+    /// Deletes that found nothing are not here: they made no revision.
+    pub acked: BTreeMap<i64, Vec<(String, Change)>>,
+    /// Acknowledged deletes that deleted nothing (`deleted` = 0): the revision their
+    /// response named (the store's revision then) and the key.
+    pub noop_deletes: Vec<(i64, String)>,
     /// Per watcher, the events in the order received.
     pub watchers: Vec<Vec<Seen>>,
     /// Per watcher, the revisions (from, to) a compaction notice told it it had lost.
@@ -119,7 +152,11 @@ impl WatchHistory {
         enum Line<'a> {
             Acked {
                 rev: i64,
-                puts: &'a [(String, String)],
+                writes: &'a [(String, Change)],
+            },
+            NoopDelete {
+                rev: i64,
+                key: &'a str,
             },
             Event {
                 watcher: usize,
@@ -142,8 +179,11 @@ impl WatchHistory {
             serde_json::to_writer(&mut f, &l)?;
             f.write_all(b"\n")
         };
-        for (rev, puts) in &self.acked {
-            line(Line::Acked { rev: *rev, puts })?;
+        for (rev, writes) in &self.acked {
+            line(Line::Acked { rev: *rev, writes })?;
+        }
+        for (rev, key) in &self.noop_deletes {
+            line(Line::NoopDelete { rev: *rev, key })?;
         }
         for (w, events) in self.watchers.iter().enumerate() {
             for seen in events {
@@ -171,8 +211,12 @@ impl WatchHistory {
     }
 }
 
-/// Puts unique values under the prefix until `until`: one key per put, or (a third
-/// of the time) 2-4 distinct keys in one Txn, so that one revision has several events.
+/// Puts unique values under the prefix until `until`: one key per request, or (a
+/// third of the time) 2-4 distinct keys in one Txn, so that one revision has several
+/// events. A quarter of the single-key requests delete the key instead (a plain
+/// DeleteRange of one key), and so does each key of a Txn with the same chance. A
+/// delete of a key that is already gone deletes nothing (`deleted` = 0), which etcd
+/// does not count as a change: such deletes are recorded apart.
 pub async fn writer(
     endpoint: String,
     index: usize,
@@ -205,30 +249,67 @@ pub async fn writer(
         } else {
             1
         };
-        // Distinct keys: a Txn may not put one key twice.
-        let mut puts: Vec<(String, String)> = (0..width)
-            .map(|j| (format!("{PREFIX}{}", (first + j * 3) % keys), value.clone()))
+        // Distinct keys: a Txn may not write one key twice.
+        let mut writes: Vec<(String, Change)> = (0..width)
+            .map(|j| {
+                let key = format!("{PREFIX}{}", (first + j * 3) % keys);
+                if rng.below(4) == 0 {
+                    (key, Change::Delete)
+                } else {
+                    (key, Change::Put(value.clone()))
+                }
+            })
             .collect();
-        puts.sort();
-        puts.dedup();
+        writes.sort();
+        writes.dedup_by(|a, b| a.0 == b.0);
         let started = Instant::now();
-        // The client's request timeout (3 s) bounds the write.
-        let rev = if let [(key, value)] = puts.as_slice() {
-            c.put(key.as_str(), value.as_str(), None)
+        // The client's request timeout (3 s) bounds the write. The answer: the
+        // revision, and per write whether it changed anything.
+        let done: Result<(i64, Vec<bool>), _> = match writes.as_slice() {
+            [(key, Change::Put(value))] => c
+                .put(key.as_str(), value.as_str(), None)
                 .await
-                .map(|r| r.header().map_or(0, |h| h.revision()))
-        } else {
-            let ops: Vec<TxnOp> = puts
-                .iter()
-                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
-                .collect();
-            c.txn(Txn::new().and_then(ops))
-                .await
-                .map(|r| r.header().map_or(0, |h| h.revision()))
+                .map(|r| (r.header().map_or(0, |h| h.revision()), vec![true])),
+            [(key, Change::Delete)] => c.delete(key.as_str(), None).await.map(|r| {
+                (
+                    r.header().map_or(0, |h| h.revision()),
+                    vec![r.deleted() > 0],
+                )
+            }),
+            _ => {
+                let ops: Vec<TxnOp> = writes
+                    .iter()
+                    .map(|(k, w)| match w {
+                        Change::Put(v) => TxnOp::put(k.as_str(), v.as_str(), None),
+                        Change::Delete => TxnOp::delete(k.as_str(), None),
+                    })
+                    .collect();
+                c.txn(Txn::new().and_then(ops)).await.map(|r| {
+                    let changed = r
+                        .op_responses()
+                        .iter()
+                        .map(|o| match o {
+                            TxnOpResponse::Delete(d) => d.deleted() > 0,
+                            _ => true,
+                        })
+                        .collect();
+                    (r.header().map_or(0, |h| h.revision()), changed)
+                })
+            }
         };
-        match rev {
-            Ok(rev) => {
-                out.lock().expect("lock").acked.insert(rev, puts);
+        match done {
+            Ok((rev, changed)) => {
+                let mut out = out.lock().expect("lock");
+                let mut made = Vec::new();
+                for (w, changed) in writes.into_iter().zip(changed) {
+                    match w {
+                        (key, Change::Delete) if !changed => out.noop_deletes.push((rev, key)),
+                        w => made.push(w),
+                    }
+                }
+                if !made.is_empty() {
+                    out.acked.insert(rev, made);
+                }
             }
             Err(_) => client = None,
         }
@@ -358,20 +439,20 @@ pub async fn watcher(
             }
             for e in resp.events() {
                 let Some(kv) = e.kv() else { continue };
-                if e.event_type() != EventType::Put {
-                    continue;
-                }
                 let rev = kv.mod_revision();
                 seen.push(Seen {
                     rev,
                     key: kv.key_str().unwrap_or_default().to_string(),
+                    delete: e.event_type() == EventType::Delete,
                     value: kv.value_str().unwrap_or_default().to_string(),
                     version: kv.version(),
+                    create_rev: kv.create_revision(),
                     resp: responses,
                     prev: e.prev_kv().map(|p| Prev {
                         value: p.value_str().unwrap_or_default().to_string(),
                         mod_rev: p.mod_revision(),
                         version: p.version(),
+                        create_rev: p.create_revision(),
                     }),
                 });
                 next = next.max(rev + 1);
@@ -392,15 +473,46 @@ enum Before<'a> {
     Unknown,
     /// The key had no value: every earlier revision was seen, none wrote it.
     Absent,
-    /// Its previous event: value and revision.
+    /// The key's previous event deleted it, at this revision (every revision since
+    /// was seen).
+    Deleted(i64),
+    /// Its previous event put this value at this revision (every revision since was
+    /// seen).
     Value(&'a str, i64),
 }
 
-fn show(kvs: &[(String, String)]) -> String {
+fn show(kvs: &[(String, Change)]) -> String {
     kvs.iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, c)| match c {
+            Change::Put(v) => format!("{k}={v}"),
+            Change::Delete => format!("delete {k}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Names etcd's known bug when two views of a revision differ only by deletes that
+/// one of them lacks, at a revision the nemesis compacted at: etcd before the fix of
+/// issue 18089 (PR 18274, in 3.4.23 too) removes a tombstone whose revision equals the
+/// compaction revision, so a watch that starts or catches up from exactly that
+/// revision never gets the DELETE.
+fn known_bug(
+    compactions: &[i64],
+    rev: i64,
+    a: &[(String, Change)],
+    b: &[(String, Change)],
+) -> &'static str {
+    let (short, long) = if a.len() < b.len() { (a, b) } else { (b, a) };
+    let only_deletes_lacking = long
+        .iter()
+        .filter(|x| !short.contains(x))
+        .all(|(_, c)| *c == Change::Delete)
+        && short.iter().all(|x| long.contains(x));
+    if short.len() < long.len() && only_deletes_lacking && compactions.contains(&rev) {
+        " (a DELETE at the compaction revision dropped: etcd issue 18089)"
+    } else {
+        ""
+    }
 }
 
 /// Checks the guarantees listed in the module note; returns the violations found.
@@ -421,8 +533,8 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
         }
         true
     };
-    // Per revision, the sorted (key, value) pairs the first watcher to see it saw.
-    let mut agreed: BTreeMap<i64, Vec<(String, String)>> = BTreeMap::new();
+    // Per revision, the sorted changes the first watcher to see it saw.
+    let mut agreed: BTreeMap<i64, Vec<(String, Change)>> = BTreeMap::new();
     for (w, events) in h.watchers.iter().enumerate() {
         for &(from, to) in gaps_of(w) {
             if to < from {
@@ -462,9 +574,16 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
                     group.len()
                 ));
             }
-            let mut kvs: Vec<(String, String)> = group
+            let mut kvs: Vec<(String, Change)> = group
                 .iter()
-                .map(|e| (e.key.clone(), e.value.clone()))
+                .map(|e| {
+                    let change = if e.delete {
+                        Change::Delete
+                    } else {
+                        Change::Put(e.value.clone())
+                    };
+                    (e.key.clone(), change)
+                })
                 .collect();
             kvs.sort();
             if kvs.windows(2).any(|p| p[0].0 == p[1].0) {
@@ -475,9 +594,10 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
             }
             match agreed.get(&rev) {
                 Some(a) if *a != kvs => problems.push(format!(
-                    "watcher {w}: revision {rev} is {} but another watcher saw {}",
+                    "watcher {w}: revision {rev} is {} but another watcher saw {}{}",
                     show(&kvs),
-                    show(a)
+                    show(a),
+                    known_bug(&h.compactions, rev, a, &kvs)
                 )),
                 Some(_) => {}
                 None => {
@@ -524,8 +644,13 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
     }
     // prev_kv: each key's previous value in revision order, where the union of all
     // watchers saw every revision since the key's last write (or since the start).
+    // Acknowledged no-op deletes are checked on the way: the key must be absent at
+    // the revision their response named.
+    let mut noops: Vec<&(i64, String)> = h.noop_deletes.iter().collect();
+    noops.sort();
+    let mut noops = noops.into_iter().peekable();
     let mut before: HashMap<(i64, &str), Before> = HashMap::new();
-    let mut known: HashMap<&str, (&str, i64)> = HashMap::new();
+    let mut known: HashMap<&str, Before> = HashMap::new();
     let mut complete = true;
     let mut expect = 2;
     for (&rev, kvs) in &agreed {
@@ -535,14 +660,27 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
             complete = false;
         }
         expect = rev + 1;
-        for (k, v) in kvs {
+        for (k, c) in kvs {
             let b = match known.get(k.as_str()) {
-                Some(&(v0, r0)) => Before::Value(v0, r0),
+                Some(&b) => b,
                 None if complete => Before::Absent,
                 None => Before::Unknown,
             };
             before.insert((rev, k), b);
-            known.insert(k, (v, rev));
+            let now = match c {
+                Change::Put(v) => Before::Value(v, rev),
+                Change::Delete => Before::Deleted(rev),
+            };
+            known.insert(k, now);
+        }
+        // No-op deletes at revisions nobody saw (or before any write) tell nothing.
+        while noops.next_if(|(r, _)| *r < rev).is_some() {}
+        while let Some((r, k)) = noops.next_if(|(r, _)| *r == rev) {
+            if let Some(Before::Value(v0, r0)) = known.get(k.as_str()) {
+                problems.push(format!(
+                    "acknowledged delete of {k} deleted nothing at revision {r}, but the key was {v0} (put at revision {r0})"
+                ));
+            }
         }
     }
     for (w, events) in h.watchers.iter().enumerate() {
@@ -551,16 +689,56 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
                 .get(&(e.rev, e.key.as_str()))
                 .copied()
                 .unwrap_or(Before::Unknown);
-            let at = format!("watcher {w}: {}={} at revision {}", e.key, e.value, e.rev);
+            let at = if e.delete {
+                format!("watcher {w}: delete of {} at revision {}", e.key, e.rev)
+            } else {
+                format!("watcher {w}: {}={} at revision {}", e.key, e.value, e.rev)
+            };
+            // The event's own shape.
+            if e.delete && (!e.value.is_empty() || e.version != 0 || e.create_rev != 0) {
+                problems.push(format!(
+                    "{at} is not a tombstone: value {:?}, version {}, create_revision {} (etcd gives an empty value, version 0, create_revision 0)",
+                    e.value, e.version, e.create_rev
+                ));
+            }
+            if !e.delete
+                && (e.version < 1
+                    || e.create_rev < 1
+                    || e.create_rev > e.rev
+                    || (e.version == 1) != (e.create_rev == e.rev))
+            {
+                problems.push(format!(
+                    "{at} has version {} and create_revision {}",
+                    e.version, e.create_rev
+                ));
+            }
+            // Against the key's previous event.
+            let gone = || match b {
+                Before::Deleted(r0) => format!("was deleted at revision {r0}"),
+                _ => "had no earlier value".to_string(),
+            };
             match (b, &e.prev) {
-                (Before::Absent, Some(p)) => problems.push(format!(
-                    "{at} has prev_kv {}@{}, but the key had no earlier value",
-                    p.value, p.mod_rev
+                (Before::Absent | Before::Deleted(_), _) if e.delete => problems.push(format!(
+                    "{at}, but the key {}: a phantom event (deleting a missing key makes none)",
+                    gone()
                 )),
-                (Before::Absent, None) if e.version != 1 => problems.push(format!(
-                    "{at} is the key's first write but has version {}",
-                    e.version
+                (Before::Absent | Before::Deleted(_), Some(p)) => problems.push(format!(
+                    "{at} has prev_kv {}@{}, but the key {}",
+                    p.value,
+                    p.mod_rev,
+                    gone()
                 )),
+                (Before::Absent | Before::Deleted(_), None)
+                    if e.version != 1 || e.create_rev != e.rev =>
+                {
+                    problems.push(format!(
+                        "{at} has version {} and create_revision {}, but the key {} (expected 1 and {})",
+                        e.version,
+                        e.create_rev,
+                        gone(),
+                        e.rev
+                    ))
+                }
                 (Before::Value(v0, r0), Some(p)) if (p.value.as_str(), p.mod_rev) != (v0, r0) => {
                     problems.push(format!(
                         "{at} has prev_kv {}@{}, but the key's previous event is {v0}@{r0}",
@@ -575,30 +753,37 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
                 _ => {}
             }
             if let Some(p) = &e.prev {
-                // Nobody deletes, so each write adds one to the key's version.
-                if e.version != p.version + 1 || p.mod_rev >= e.rev {
+                // A put adds one to the version of the key's previous value and keeps
+                // its create_revision; a delete makes no value (version 0).
+                let bad = p.mod_rev >= e.rev
+                    || p.version < 1
+                    || p.create_rev < 1
+                    || p.create_rev > p.mod_rev
+                    || (!e.delete && (e.version != p.version + 1 || e.create_rev != p.create_rev));
+                if bad {
                     problems.push(format!(
-                        "{at} (version {}) has prev_kv {}@{} with version {}",
-                        e.version, p.value, p.mod_rev, p.version
+                        "{at} (version {}, create_revision {}) has prev_kv {}@{} with version {} and create_revision {}",
+                        e.version, e.create_rev, p.value, p.mod_rev, p.version, p.create_rev
                     ));
                 }
             }
         }
     }
-    for (rev, puts) in &h.acked {
+    for (rev, writes) in &h.acked {
         match agreed.get(rev) {
-            Some(seen) if seen == puts => {}
+            Some(seen) if seen == writes => {}
             Some(seen) => problems.push(format!(
-                "acknowledged write {} at revision {rev}, watchers saw {}",
-                show(puts),
-                show(seen)
+                "acknowledged write {} at revision {rev}, watchers saw {}{}",
+                show(writes),
+                show(seen),
+                known_bug(&h.compactions, *rev, writes, seen)
             )),
             None if (0..h.watchers.len())
                 .any(|w| !h.watchers[w].is_empty() && !excused(w, *rev, *rev)) =>
             {
                 problems.push(format!(
                     "acknowledged write {} at revision {rev} never reached a watcher",
-                    show(puts)
+                    show(writes)
                 ))
             }
             None => {}
@@ -611,33 +796,61 @@ pub fn check(h: &WatchHistory, final_rev: i64) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// A watcher's events, one response per revision, with the versions and prev_kv
-    /// a correct server would give from these events alone.
+    /// The value that stands for a delete in [`seen`]'s events.
+    const DEL: &str = "<delete>";
+
+    /// A watcher's events, one response per revision, with the versions,
+    /// create_revisions and prev_kv a correct server would give from these events
+    /// alone; a value of [`DEL`] is a delete (etcd's tombstone).
     fn seen(events: &[(i64, &str, &str)]) -> Vec<Seen> {
         let mut last: HashMap<&str, Prev> = HashMap::new();
         events
             .iter()
             .map(|&(rev, key, value)| {
+                if value == DEL {
+                    return Seen {
+                        rev,
+                        key: key.into(),
+                        delete: true,
+                        value: String::new(),
+                        version: 0,
+                        create_rev: 0,
+                        resp: rev as u64,
+                        prev: last.remove(key),
+                    };
+                }
                 let prev = last.get(key).cloned();
                 let version = prev.as_ref().map_or(1, |p| p.version + 1);
+                let create_rev = prev.as_ref().map_or(rev, |p| p.create_rev);
                 last.insert(
                     key,
                     Prev {
                         value: value.into(),
                         mod_rev: rev,
                         version,
+                        create_rev,
                     },
                 );
                 Seen {
                     rev,
                     key: key.into(),
+                    delete: false,
                     value: value.into(),
                     version,
+                    create_rev,
                     resp: rev as u64,
                     prev,
                 }
             })
             .collect()
+    }
+
+    fn put(k: &str, v: &str) -> (String, Change) {
+        (k.into(), Change::Put(v.into()))
+    }
+
+    fn del(k: &str) -> (String, Change) {
+        (k.into(), Change::Delete)
     }
 
     fn s(rev: i64, v: &str) -> (i64, &'static str, &str) {
@@ -663,7 +876,7 @@ mod tests {
     #[test]
     fn gaps_duplicates_and_disagreements_are_found() {
         let mut h = history(vec![seen(&[s(2, "a"), s(3, "b"), s(4, "c")])]);
-        h.acked.insert(3, vec![("k".into(), "b".into())]);
+        h.acked.insert(3, vec![put("k", "b")]);
         must_pass(&h, 4);
         must_find(&h, 5, "stopped at revision 4");
         h.watchers.push(seen(&[s(2, "a"), s(4, "c")]));
@@ -703,8 +916,7 @@ mod tests {
         let mut one = seen(&events);
         one[2].resp = one[1].resp;
         let mut h = history(vec![one.clone(), one]);
-        h.acked
-            .insert(3, vec![("a".into(), "2".into()), ("b".into(), "2".into())]);
+        h.acked.insert(3, vec![put("a", "2"), put("b", "2")]);
         h
     }
 
@@ -729,6 +941,7 @@ mod tests {
             w.remove(2);
             w[2].prev = None;
             w[2].version = 1;
+            w[2].create_rev = 4;
         }
         must_find(
             &h,
@@ -768,8 +981,10 @@ mod tests {
             value: "w".into(),
             mod_rev: 1,
             version: 1,
+            create_rev: 1,
         });
         bad[2].version = 2;
+        bad[2].create_rev = 1;
         must_find(&history(vec![bad]), 5, "no earlier value");
         // A missing previous value.
         let mut bad = h.watchers[0].clone();
@@ -786,7 +1001,7 @@ mod tests {
         // A version that does not follow prev_kv's.
         let mut bad = h.watchers[0].clone();
         bad[3].version = 7;
-        must_find(&history(vec![bad]), 5, "(version 7)");
+        must_find(&history(vec![bad]), 5, "(version 7,");
     }
 
     #[test]
@@ -798,14 +1013,17 @@ mod tests {
             value: "b".into(),
             mod_rev: 3,
             version: 2,
+            create_rev: 2,
         });
         w[1].version = 3;
         w[2].prev = Some(Prev {
             value: "y".into(),
             mod_rev: 3,
             version: 1,
+            create_rev: 3,
         });
         w[2].version = 2;
+        w[2].create_rev = 3;
         let mut h = history(vec![w]);
         h.gaps = vec![vec![(3, 3)]];
         h.compactions = vec![4];
@@ -816,8 +1034,10 @@ mod tests {
                 value: "a".into(),
                 mod_rev: 2,
                 version: 3,
+                create_rev: 2,
             });
             e.version = 4;
+            e.create_rev = 2;
             e
         }));
         must_find(&h, 6, "previous event is c@4");
@@ -849,5 +1069,225 @@ mod tests {
         h.compactions = vec![5];
         h.progress = vec![vec![Progress { after: 1, rev: 4 }]];
         must_pass(&h, 5);
+    }
+
+    /// k is put, deleted, put again; revision 5 is a Txn that puts j and deletes k;
+    /// two deletes find nothing: of k at 3 (just deleted) and of z at 4 (never
+    /// written). Their responses name the revisions 3 and 4 of other writes.
+    fn delete_history() -> WatchHistory {
+        let events = [
+            s(2, "a"),
+            s(3, DEL),
+            s(4, "b"),
+            (5, "j", "x"),
+            s(5, DEL),
+            s(6, "c"),
+        ];
+        let mut one = seen(&events);
+        one[4].resp = one[3].resp;
+        let mut h = history(vec![one.clone(), one]);
+        h.acked.insert(2, vec![put("k", "a")]);
+        h.acked.insert(3, vec![del("k")]);
+        h.acked.insert(4, vec![put("k", "b")]);
+        h.acked.insert(5, vec![put("j", "x"), del("k")]);
+        h.acked.insert(6, vec![put("k", "c")]);
+        h.noop_deletes = vec![(3, "k".into()), (4, "z".into()), (5, "k".into())];
+        h
+    }
+
+    #[test]
+    fn deletes_and_no_op_deletes_pass_when_right() {
+        let h = delete_history();
+        assert!(h.watchers[0][1].prev.is_some() && h.watchers[0][2].prev.is_none());
+        must_pass(&h, 6);
+        // A no-op delete names a revision nobody saw: nothing to check.
+        let mut h = delete_history();
+        for w in &mut h.watchers {
+            w.remove(1);
+        }
+        h.gaps = vec![vec![(3, 3)], vec![(3, 3)]];
+        h.compactions = vec![4];
+        h.acked.remove(&3);
+        must_pass(&h, 6);
+    }
+
+    #[test]
+    fn a_delete_must_be_a_delete_event_with_the_tombstone_shape() {
+        // The acknowledged delete at 3 arrives as a PUT.
+        let mut h = delete_history();
+        for w in &mut h.watchers {
+            w[1].delete = false;
+            w[1].value = "a".into();
+            w[1].version = 2;
+            w[1].create_rev = 2;
+            w[2].prev = w[1].prev.clone();
+        }
+        must_find(
+            &h,
+            6,
+            "acknowledged write delete k at revision 3, watchers saw k=a",
+        );
+        // Watchers disagree on the event type.
+        let mut h = delete_history();
+        h.watchers[1][1].delete = false;
+        must_find(&h, 6, "revision 3 is k= but another watcher saw delete k");
+        // A delete event that is not a tombstone.
+        let mut h = delete_history();
+        h.watchers[1][1].version = 2;
+        h.watchers[1][1].create_rev = 2;
+        must_find(&h, 6, "delete of k at revision 3 is not a tombstone");
+    }
+
+    #[test]
+    fn a_delete_dropped_at_the_compaction_revision_is_named() {
+        // A watcher that resumed at the compaction revision 5 lacks the delete of k
+        // there (etcd 3.4.23 does this).
+        let mut h = delete_history();
+        h.watchers[1].remove(4);
+        h.watchers[1].truncate(4);
+        h.watchers[1].extend(seen(&[s(6, "c")]));
+        h.watchers[1].splice(0..3, []);
+        h.gaps = vec![vec![], vec![(1, 4)]];
+        h.compactions = vec![5];
+        must_find(
+            &h,
+            6,
+            "watcher 1: revision 5 is j=x but another watcher saw j=x, delete k (a DELETE at the compaction revision dropped: etcd issue 18089)",
+        );
+        // Not at a compaction revision: no excuse named.
+        h.gaps = vec![vec![], vec![(1, 3)]];
+        h.watchers[1].insert(0, delete_history().watchers[0][2].clone());
+        h.compactions = vec![4];
+        let p = check(&h, 6);
+        assert!(
+            p.iter()
+                .any(|p| p.contains("revision 5 is j=x") && !p.contains("18089")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_delete_must_carry_the_previous_value() {
+        let base = delete_history();
+        // prev_kv missing on a delete of a known key.
+        let mut h = delete_history();
+        h.watchers[1][1].prev = None;
+        must_find(
+            &h,
+            6,
+            "watcher 1: delete of k at revision 3 has no prev_kv, but the key was a at revision 2",
+        );
+        // ... excused when the revision before it was compacted.
+        h.compactions = vec![3];
+        must_pass(&h, 6);
+        // A wrong previous value on a delete.
+        let mut h = base;
+        h.watchers[0][4].prev.as_mut().unwrap().value = "a".into();
+        must_find(
+            &h,
+            6,
+            "delete of k at revision 5 has prev_kv a@4, but the key's previous event is b@4",
+        );
+    }
+
+    #[test]
+    fn a_put_after_a_delete_starts_the_key_over() {
+        // The version is not reset after the delete.
+        let mut h = delete_history();
+        h.watchers[1][2].version = 2;
+        h.watchers[1][2].create_rev = 2;
+        must_find(
+            &h,
+            6,
+            "watcher 1: k=b at revision 4 has version 2 and create_revision 2, but the key was deleted at revision 3",
+        );
+        // A version of 1 with the create_revision of the deleted key.
+        let mut h = delete_history();
+        h.watchers[1][2].create_rev = 2;
+        must_find(
+            &h,
+            6,
+            "k=b at revision 4 has version 1 and create_revision 2",
+        );
+        // A prev_kv from before the delete.
+        let mut h = delete_history();
+        h.watchers[0][2].prev = h.watchers[0][1].prev.clone();
+        h.watchers[0][2].version = 2;
+        h.watchers[0][2].create_rev = 2;
+        must_find(
+            &h,
+            6,
+            "k=b at revision 4 has prev_kv a@2, but the key was deleted at revision 3",
+        );
+    }
+
+    #[test]
+    fn a_no_op_delete_makes_no_event_and_finds_nothing() {
+        // The store bumps the revision for the no-op delete of k after 3, and the
+        // watchers see a phantom DELETE event there (k was deleted at 3).
+        let mut h = delete_history();
+        let phantom = Seen {
+            rev: 7,
+            key: "k".into(),
+            delete: true,
+            value: String::new(),
+            version: 0,
+            create_rev: 0,
+            resp: 7,
+            prev: None,
+        };
+        for w in &mut h.watchers {
+            w.remove(5);
+            w.remove(4);
+            w.remove(3);
+            w.remove(2);
+            w.push(Seen {
+                rev: 4,
+                resp: 4,
+                ..phantom.clone()
+            });
+        }
+        h.acked.retain(|r, _| *r <= 3);
+        h.noop_deletes = vec![(3, "k".into())];
+        must_find(
+            &h,
+            4,
+            "delete of k at revision 4, but the key was deleted at revision 3: a phantom event",
+        );
+        // A phantom delete of a key never written.
+        for w in &mut h.watchers {
+            w[2].key = "z".into();
+        }
+        must_find(
+            &h,
+            4,
+            "delete of z at revision 4, but the key had no earlier value: a phantom event",
+        );
+        // A no-op delete that creates a revision without events loses an event.
+        let mut h = delete_history();
+        h.noop_deletes = vec![(7, "k".into())];
+        for w in &mut h.watchers {
+            w.push(Seen {
+                rev: 8,
+                key: "j".into(),
+                resp: 8,
+                prev: Some(Prev {
+                    value: "x".into(),
+                    mod_rev: 5,
+                    version: 1,
+                    create_rev: 5,
+                }),
+                ..phantom.clone()
+            });
+        }
+        must_find(&h, 8, "revisions 7..7 missing");
+        // A delete that claims to have found nothing though the key had a value.
+        let mut h = delete_history();
+        h.noop_deletes.push((4, "k".into()));
+        must_find(
+            &h,
+            6,
+            "acknowledged delete of k deleted nothing at revision 4, but the key was b (put at revision 4)",
+        );
     }
 }

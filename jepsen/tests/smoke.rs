@@ -108,11 +108,15 @@ async fn pontoon_watchers_lose_nothing_under_kill_and_partition() {
     let r = run(cfg).await.unwrap();
     assert_eq!(r.verdict, Verdict::Valid, "{r:?}");
     assert!(r.ok > 500, "enough writes: {r:?}");
-    // The atomic, prev_kv and bookmarkable checks had something to check.
+    // The atomic, prev_kv, delete and bookmarkable checks had something to check.
     let summary = &r.notes[0];
     for none in [
         "(0 multi-key",
-        "(0 with prev_kv)",
+        ", 0 deletes,",
+        ", 0 deletes in Txns",
+        ", 0 no-op deletes",
+        "(0 with prev_kv",
+        ", 0 deletes with prev_kv",
         " 0 progress notifications",
     ] {
         assert!(!summary.contains(none), "{summary}");
