@@ -159,7 +159,10 @@ bench() {
   local topo=$1 target=$2 name=$3 line
   shift 3
   echo "== $target ($topo): $name" >&2
-  if line=$("$BENCH" --endpoints "$ENDPOINTS" "$@" | tail -1) && [[ "$line" == "{"* ]]; then
+  local pids
+  pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
+  if line=$("$BENCH" --endpoints "$ENDPOINTS" --cpu-pids "$pids" "$@" | tail -1) \
+      && [[ "$line" == "{"* ]]; then
     echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":$line}" >> "$RESULTS"
   else
     echo "   failed" >&2
@@ -273,15 +276,18 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
     if not steps:
         continue
     print(f"## {title}\n")
-    print("| step | etcd /s | pontoon /s | ratio | etcd p50 / p99 ms | pontoon p50 / p99 ms | p99 ratio |")
-    print("|---|---:|---:|---:|---|---|---:|")
+    print("| step | etcd /s | pontoon /s | ratio | etcd p50 / p99 ms | pontoon p50 / p99 ms | p99 ratio "
+          "| server CPU µs/op etcd / pontoon | load generator CPU µs/op |")
+    print("|---|---:|---:|---:|---|---|---:|---|---|")
     notes = []
     for step in steps:
         e, p = res(topo, step, "etcd"), res(topo, step, "pontoon")
         g = lambda r, k: r.get(k) if r else None
         lat = lambda r: "failed" if r is None else f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"
+        cpu = lambda k: f"{f(g(e, k), '.1f')} / {f(g(p, k), '.1f')}"
         print(f"| {step} | {f(g(e,'rps'))} | {f(g(p,'rps'))} | {ratio(g(p,'rps'), g(e,'rps'))} "
-              f"| {lat(e)} | {lat(p)} | {ratio(g(p,'p99_ms'), g(e,'p99_ms'))} |")
+              f"| {lat(e)} | {lat(p)} | {ratio(g(p,'p99_ms'), g(e,'p99_ms'))} "
+              f"| {cpu('server_cpu_us_per_op')} | {cpu('bench_cpu_us_per_op')} |")
         for t, r in (("etcd", e), ("pontoon", p)):
             if r:
                 latency_rows.append((f"{topo}: {step}", t, r["p50_ms"], r["p99_ms"]))
@@ -297,6 +303,10 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
             if r and r.get("errors"):
                 notes.append(f"{t}, {step}: {r['errors']} errors")
     print()
+    print("- CPU µs/op: user + system CPU time of the server processes (all members) and "
+          "of the load generator during the measured phase, per operation. Both share the "
+          "machine's cores, so throughput is at most cores / (server + load generator "
+          "µs/op): on a CPU-bound step a ratio of server costs is what the server controls.")
     if any(s.startswith("watch") for s in steps):
         notes.insert(0, "Fan-out: the writers put at a fixed rate; where the achieved rate "
                      "falls short of the offered one, server or load generator (same CPUs) "

@@ -118,6 +118,36 @@ struct Args {
     /// lease-keepalive: the leases' TTL in seconds.
     #[arg(long, default_value_t = 60)]
     lease_ttl: i64,
+    /// Comma-separated server process IDs on this machine: their CPU time (user +
+    /// system) during the measured phase is reported per operation, next to the load
+    /// generator's own.
+    #[arg(long, default_value = "")]
+    cpu_pids: String,
+}
+
+/// CPU seconds (user + system) process `pid` ("self" for this one) has used, from
+/// `/proc/<pid>/stat` (Linux; clock ticks of 1/100 s).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing ')'.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds of (this process, the `--cpu-pids` servers) when the measured phase
+/// began.
+static PHASE_CPU: std::sync::Mutex<Option<(f64, f64)>> = std::sync::Mutex::new(None);
+
+fn cpu_now(args: &Args) -> (f64, f64) {
+    let servers = args
+        .cpu_pids
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(cpu_seconds)
+        .sum();
+    (cpu_seconds("self").unwrap_or(0.0), servers)
 }
 
 /// The process's clock origin: watch values carry nanoseconds since it.
@@ -264,7 +294,9 @@ struct Ctl {
 }
 
 impl Ctl {
+    /// Created when the measured phase begins (after any preload or setup).
     fn new(args: &Args, clients: usize, total: Option<u64>) -> Ctl {
+        *PHASE_CPU.lock().expect("cpu mark") = Some(cpu_now(args));
         Ctl {
             issued: AtomicU64::new(0),
             completed: Arc::new(AtomicU64::new(0)),
@@ -334,6 +366,7 @@ impl Pacer {
 // ---------------------------------------------------------------------------
 // Results
 
+#[derive(Clone)]
 struct Summary {
     /// Operations counted for the throughput (requests, events, watchers).
     ok: u64,
@@ -348,6 +381,16 @@ struct Summary {
 }
 
 fn print_summary(args: &Args, s: &Summary) {
+    let mut s = s.clone();
+    if let Some((bench0, server0)) = *PHASE_CPU.lock().expect("cpu mark") {
+        let (bench1, server1) = cpu_now(args);
+        let per_op = |cpu: f64| format!("{:.1}", cpu * 1e6 / s.ok.max(1) as f64);
+        s.extra.push(("bench_cpu_us_per_op", per_op(bench1 - bench0)));
+        if !args.cpu_pids.is_empty() {
+            s.extra.push(("server_cpu_us_per_op", per_op(server1 - server0)));
+        }
+    }
+    let s = &s;
     let h = &s.hist;
     let ms = |q: f64| {
         if h.is_empty() {
