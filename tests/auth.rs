@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Permission, PutOptions,
-    RoleRevokePermissionOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseTimeToLiveOptions,
+    Permission, PutOptions, RoleRevokePermissionOptions, Txn, TxnOp, WatchOptions,
 };
 
 use common::{grpc_status, have_etcd, must_match_etcd, normalize, Cluster, Member, Target};
@@ -334,6 +334,33 @@ async fn matrix(target: Target) {
     let e = writer.lease_revoke(l2).await.unwrap_err();
     assert_eq!(grpc_status(&e).0, tonic::Code::PermissionDenied);
     assert_eq!(root.get("/r/leased", None).await.unwrap().kvs().len(), 1);
+
+    // LeaseTimeToLive needs read permission on every key attached to the lease: etcd
+    // checks it from 3.4.26 / 3.5.9 (CVE-2023-32082); the Debian etcd 3.4.23 does not.
+    let mut reader = connect(&m, Some("reader")).await;
+    let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
+    let r = reader.lease_time_to_live(l2, with_keys()).await.unwrap();
+    assert_eq!(r.keys(), [b"/r/leased".to_vec()]);
+    let l3 = root.lease_grant(60, None).await.unwrap().id();
+    root.put("/w/leased3", "x", Some(PutOptions::new().with_lease(l3)))
+        .await
+        .unwrap();
+    assert!(root.lease_time_to_live(l3, with_keys()).await.is_ok());
+    if target == Target::Pontoon {
+        for (c, who) in [(&mut reader, "reader"), (&mut writer, "writer")] {
+            for opts in [with_keys(), None] {
+                let e = c.lease_time_to_live(l3, opts).await.unwrap_err();
+                assert_eq!(
+                    grpc_status(&e),
+                    (
+                        tonic::Code::PermissionDenied,
+                        "etcdserver: permission denied".into()
+                    ),
+                    "{who}"
+                );
+            }
+        }
+    }
 
     // Without a token: user name is empty. With a forged one: invalid auth token.
     let mut anon = connect(&m, None).await;

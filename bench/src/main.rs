@@ -130,7 +130,10 @@ struct Args {
 fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces: fields are counted after its closing ')'.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
@@ -385,9 +388,11 @@ fn print_summary(args: &Args, s: &Summary) {
     if let Some((bench0, server0)) = *PHASE_CPU.lock().expect("cpu mark") {
         let (bench1, server1) = cpu_now(args);
         let per_op = |cpu: f64| format!("{:.1}", cpu * 1e6 / s.ok.max(1) as f64);
-        s.extra.push(("bench_cpu_us_per_op", per_op(bench1 - bench0)));
+        s.extra
+            .push(("bench_cpu_us_per_op", per_op(bench1 - bench0)));
         if !args.cpu_pids.is_empty() {
-            s.extra.push(("server_cpu_us_per_op", per_op(server1 - server0)));
+            s.extra
+                .push(("server_cpu_us_per_op", per_op(server1 - server0)));
         }
     }
     let s = &s;

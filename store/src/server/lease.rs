@@ -150,6 +150,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let who = self.server.caller(&req)?;
         let req = req.into_inner();
         self.server.raft.read_index().await.map_err(to_status)?;
         let header = Some(self.server.header(self.server.mvcc.current_revision()));
@@ -162,11 +163,15 @@ impl Lease for LeaseService {
                 ..Default::default()
             }));
         };
-        let keys = if req.keys {
-            self.server.mvcc.lease_keys(req.id).map_err(to_status)?
-        } else {
-            Vec::new()
-        };
+        // With auth on, the caller must be allowed to read every key attached to the
+        // lease (etcd 3.4.26 / 3.5.9 on, CVE-2023-32082: the key names leak otherwise).
+        let mut keys = self.server.mvcc.lease_keys(req.id).map_err(to_status)?;
+        for key in &keys {
+            self.server.check_read(&who, key, &[])?;
+        }
+        if !req.keys {
+            keys.clear();
+        }
         let ttl = remaining(&self.server, &self.lessor, &rec).await?;
         Ok(Response::new(LeaseTimeToLiveResponse {
             header,
