@@ -4,7 +4,7 @@
 
 mod common;
 
-use etcd_client::{GetOptions, WatchOptions};
+use etcd_client::{GetOptions, Txn, TxnOp, WatchOptions};
 
 use common::{grpc_status, Member, Target};
 
@@ -59,12 +59,20 @@ async fn a_range_over_the_response_cap_is_refused_and_paging_works() {
         from = format!("{}\0", r.kvs().last().unwrap().key_str().unwrap());
     }
     assert_eq!(seen, 100);
-    // A Txn's ranges are not capped: every member must compute the same answer.
-    let t = etcd_client::Txn::new().and_then([etcd_client::TxnOp::get(
-        "/big/",
-        Some(GetOptions::new().with_prefix()),
-    )]);
-    assert!(c.txn(t).await.is_ok());
+    // A read-only Txn is a read served by this member alone: capped like a Range.
+    let all = || Some(GetOptions::new().with_prefix());
+    let t = Txn::new().and_then([TxnOp::get("/big/", all())]);
+    let (code, msg) = grpc_status(&c.txn(t).await.unwrap_err());
+    assert_eq!(code, tonic::Code::ResourceExhausted);
+    assert!(msg.contains("range response is too large"), "{msg}");
+    // The ranges of a Txn that writes are not capped: it applies on every member,
+    // which must all compute the same answer.
+    let t = Txn::new().and_then([TxnOp::get("/big/", all()), TxnOp::put("/w", "v", None)]);
+    let r = c.txn(t).await.unwrap();
+    match &r.op_responses()[0] {
+        etcd_client::TxnOpResponse::Get(g) => assert_eq!(g.kvs().len(), 100),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -53,8 +53,9 @@ fn charged_bytes(kv: &KeyValue, keys_only: bool) -> usize {
 
 /// [`range`], refusing (before reading further) a response that would hold more than
 /// `max_bytes` of keys and values: one client cannot make the member load an
-/// unbounded key space into memory. Ranges inside a Txn are never capped (their
-/// result must be the same on every member).
+/// unbounded key space into memory. Ranges inside a Txn that writes are never capped
+/// (it applies on every member, whose answers must agree); a read-only Txn is served
+/// by one member and capped per Range.
 pub fn range_capped(
     view: &dyn ReadView,
     req: &RangeRequest,
