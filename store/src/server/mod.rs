@@ -4,6 +4,46 @@
 //! [`EtcdServer`] ties the MVCC store to the raft node and fills etcd's response
 //! header (cluster_id, member_id, revision, raft_term) on every answer.
 
+/// Implements `tokio::io::AsyncWrite` for a connection wrapper by handing every call to
+/// its `inner` stream: the wrappers (`tls::TlsConn`, `h2_authority::AuthorityFix`)
+/// only change what is read or what is known about the peer. Usage:
+/// `delegate_async_write!([generics] Type);` (defined before the modules that use it).
+macro_rules! delegate_async_write {
+    ([$($generics:tt)*] $t:ty) => {
+        impl<$($generics)*> tokio::io::AsyncWrite for $t {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+        }
+    };
+}
+
 pub mod auth;
 pub mod cluster;
 pub mod compactor;
