@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,11 +51,27 @@ pub async fn connect(
     etcd_client::Client::connect(endpoints, Some(opts)).await
 }
 
+/// A loopback port nothing listens on, never the same twice in one run. Ports come
+/// from below the kernel's ephemeral range (32768-60999 on Linux), so that no outgoing
+/// connection can be handed the port between now and the member binding it (seen as
+/// `Address already in use`); each process starts at its own offset.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    const LOW: u32 = 15_000;
+    const SPAN: u32 = 17_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + n % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The network between members: which directed links (from, to) are cut, and the

@@ -8,19 +8,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A loopback port nothing listens on, never the same twice in one test process (the
-/// kernel may hand a just-released ephemeral port out again at once).
+/// A loopback port nothing listens on, never the same twice in one test process.
+///
+/// Ports come from below the kernel's ephemeral range (32768-60999 on Linux): a port
+/// from that range, released here and bound by the server a moment later, can be
+/// handed in between to any outgoing connection as its source port (seen as
+/// `Address already in use`). Each process starts at its own offset.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const LOW: u32 = 15_000;
+    const SPAN: u32 = 17_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind an ephemeral port")
-            .local_addr()
-            .expect("local addr")
-            .port();
-        let mut given = GIVEN.lock().expect("port list");
-        if !given.contains(&port) {
-            given.push(port);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + n % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
