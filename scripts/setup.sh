@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages Pontoon needs on a fresh Debian/Ubuntu machine.
 #   libclang-dev      RocksDB's Rust bindings are generated with libclang
-#   g++               RocksDB is built from C++ source
+#   g++               RocksDB is built from C++ source (and mimalloc from C: g++
+#                     brings gcc)
 #   protobuf-compiler the etcd-client crate (used by the tests) compiles its protos
 #   etcd-server, etcd-client  real etcd 3.4 and etcdctl, for the comparison tests
 #   openssl, curl     the TLS tests make their own CA and certificates; the gateway

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use etcd_client::{Client, WatchOptions, WatchRequestSender, WatchResponseStream};
 use hdrhistogram::Histogram;
+use tokio::task::JoinHandle;
 
 use crate::{key, lcg, new_hist, now_nanos, Args, Ctl, Pacer, Progress, ProgressSpec, Summary};
 
@@ -118,6 +119,42 @@ struct StreamResult {
     broken: u64,
 }
 
+/// One [`receive`] task per stream, sharing the event counters, and the switch that
+/// stops them.
+struct Receivers {
+    /// Events received over all streams.
+    events: Arc<AtomicU64>,
+    /// When the last event arrived ([`now_nanos`]).
+    last_event: Arc<AtomicU64>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<StreamResult>>,
+}
+
+impl Receivers {
+    fn spawn(streams: Vec<OpenStream>) -> Receivers {
+        let events = Arc::new(AtomicU64::new(0));
+        let last_event = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let tasks = streams
+            .into_iter()
+            .map(|s| {
+                tokio::spawn(receive(
+                    s,
+                    events.clone(),
+                    last_event.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        Receivers {
+            events,
+            last_event,
+            stop_tx,
+            tasks,
+        }
+    }
+}
+
 /// Reads one watch stream until told to stop: counts events per watcher and records
 /// each event's delivery latency (receive time minus the send time in the value).
 async fn receive(
@@ -207,20 +244,12 @@ pub(crate) async fn run_watch(args: &Args, conns: &[Client]) -> anyhow::Result<S
     let streams = open_watchers(args, conns, false).await?;
     let watchers = args.watchers.max(1) as u64;
     let n_streams = streams.len();
-    let events = Arc::new(AtomicU64::new(0));
-    let last_event = Arc::new(AtomicU64::new(0));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let receivers: Vec<_> = streams
-        .into_iter()
-        .map(|s| {
-            tokio::spawn(receive(
-                s,
-                events.clone(),
-                last_event.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
+    let Receivers {
+        events,
+        last_event,
+        stop_tx,
+        tasks: receivers,
+    } = Receivers::spawn(streams);
 
     let writers = args.clients.max(1);
     let mut ctl = Ctl::new(args, writers, args.duration.is_none().then_some(args.total));
@@ -325,20 +354,12 @@ pub(crate) async fn run_watch_idle(args: &Args, conns: &[Client]) -> anyhow::Res
     let create_seconds = started.elapsed().as_secs_f64();
     let n_streams = streams.len();
     let watchers: u64 = streams.iter().map(|s| s.ids.len() as u64).sum();
-    let events = Arc::new(AtomicU64::new(0));
-    let last_event = Arc::new(AtomicU64::new(0));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let receivers: Vec<_> = streams
-        .into_iter()
-        .map(|s| {
-            tokio::spawn(receive(
-                s,
-                events.clone(),
-                last_event.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
+    let Receivers {
+        events,
+        stop_tx,
+        tasks: receivers,
+        ..
+    } = Receivers::spawn(streams);
     let hold = Duration::from_secs(args.duration.unwrap_or(10));
     eprintln!("holding {watchers} watchers for {} s", hold.as_secs());
     let progress = Progress::start(ProgressSpec {

@@ -174,16 +174,10 @@ pub async fn client(
     let mut client: Option<etcd_client::Client> = None;
     while Instant::now() < until {
         let started = Instant::now();
-        if client.is_none() {
-            client = crate::cluster::connect(vec![endpoint.clone()], cfg.op_timeout)
-                .await
-                .ok();
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
-        let c = client.as_mut().expect("connected");
+        let Some(c) = crate::cluster::connected(&mut client, &endpoint, cfg.op_timeout).await
+        else {
+            continue;
+        };
         let generation = shared.clock.now() / KEY_GENERATION.as_nanos() as u64;
         let mops = generate(&mut rng, &shared, cfg.keys, generation);
         let invoke = shared.clock.now();

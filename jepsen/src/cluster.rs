@@ -51,6 +51,24 @@ pub async fn connect(
     etcd_client::Client::connect(endpoints, Some(opts)).await
 }
 
+/// A workload client's connection: the client in `slot`, connecting to `endpoint`
+/// first if there is none. A failed connect waits 200 ms and answers `None`, and the
+/// caller tries again on its next turn (a workload sets `slot` back to `None` when a
+/// request tells it the connection broke).
+pub async fn connected<'a>(
+    slot: &'a mut Option<etcd_client::Client>,
+    endpoint: &str,
+    timeout: Duration,
+) -> Option<&'a mut etcd_client::Client> {
+    if slot.is_none() {
+        *slot = connect(vec![endpoint.to_string()], timeout).await.ok();
+        if slot.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    slot.as_mut()
+}
+
 /// A loopback port nothing listens on, never the same twice in one run. Ports come
 /// from below the kernel's ephemeral range (32768-60999 on Linux), so that no outgoing
 /// connection can be handed the port between now and the member binding it (seen as

@@ -250,16 +250,9 @@ pub async fn client(
     let t = cfg.op_timeout;
     let mut client: Option<etcd_client::Client> = None;
     while Instant::now() < until {
-        if client.is_none() {
-            client = crate::cluster::connect(vec![endpoint.clone()], t)
-                .await
-                .ok();
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
-        let c = client.as_mut().expect("connected");
+        let Some(c) = crate::cluster::connected(&mut client, &endpoint, t).await else {
+            continue;
+        };
         let ttl = 2 + rng.below(2) as i64;
         let Some(lease) = rec.grant(c, index, ttl, t).await else {
             client = None;

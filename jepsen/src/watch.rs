@@ -231,16 +231,11 @@ pub async fn writer(
     let mut client = None;
     let mut n = 0u64;
     while Instant::now() < until {
-        if client.is_none() {
-            client = crate::cluster::connect(vec![endpoint.clone()], Duration::from_secs(3))
-                .await
-                .ok();
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
-        let c = client.as_mut().expect("connected");
+        let Some(c) =
+            crate::cluster::connected(&mut client, &endpoint, Duration::from_secs(3)).await
+        else {
+            continue;
+        };
         n += 1;
         let value = format!("w{index}-{n}");
         let first = (index as u64 * 7919 + n) % keys;
