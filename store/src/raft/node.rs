@@ -987,13 +987,14 @@ impl Driver {
 
     /// Applies membership changes here (they change raft's own state) and hands every
     /// committed entry to the apply thread, in order.
-    fn handle_committed(&mut self, entries: Vec<Entry>) -> Result<()> {
+    fn handle_committed(&mut self, mut entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut rejected = HashSet::new();
         let me = self.raw.raft.id;
-        for e in &entries {
+        let mut removed_at = None;
+        for (i, e) in entries.iter().enumerate() {
             let (cs, removes_me) = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
@@ -1016,12 +1017,8 @@ impl Driver {
                 Ok(cs) => {
                     self.raw.mut_store().set_conf_state(e.index, cs);
                     if removes_me {
-                        self.removed = true;
-                        // Nothing after our removal concerns us; the apply thread
-                        // gets the entries up to it.
-                        let upto = entries.iter().position(|x| x.index == e.index);
-                        let entries = entries[..=upto.expect("entry is in the list")].to_vec();
-                        return self.hand_to_apply(entries, rejected);
+                        removed_at = Some(i);
+                        break;
                     }
                 }
                 Err(err) => {
@@ -1031,10 +1028,12 @@ impl Driver {
                 }
             }
         }
-        self.hand_to_apply(entries, rejected)
-    }
-
-    fn hand_to_apply(&mut self, entries: Vec<Entry>, rejected: HashSet<u64>) -> Result<()> {
+        if let Some(i) = removed_at {
+            // Nothing after our removal concerns us; the apply thread gets the entries
+            // up to it.
+            self.removed = true;
+            entries.truncate(i + 1);
+        }
         self.status
             .proposals_committed
             .fetch_add(entries.len() as u64, Ordering::Relaxed);

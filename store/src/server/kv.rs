@@ -86,11 +86,7 @@ impl Kv for KvService {
             if !apply::txn_is_serializable(&req) {
                 self.server.raft.read_index().await.map_err(to_status)?;
             }
-            let mut needs = Vec::new();
-            crate::auth::txn_needs(&req, &mut needs);
-            for (key, range_end, _) in &needs {
-                self.server.check_read(&who, key, range_end)?;
-            }
+            self.server.check_read_txn(&who, &req)?;
             let mut resp = self
                 .server
                 .mvcc

@@ -165,9 +165,16 @@ impl Lease for LeaseService {
         };
         // With auth on, the caller must be allowed to read every key attached to the
         // lease (etcd 3.4.26 / 3.5.9 on, CVE-2023-32082: the key names leak otherwise).
-        let mut keys = self.server.mvcc.lease_keys(req.id).map_err(to_status)?;
-        for key in &keys {
-            self.server.check_read(&who, key, &[])?;
+        let auth_on = self.server.mvcc.auth().enabled;
+        let mut keys = if req.keys || auth_on {
+            self.server.mvcc.lease_keys(req.id).map_err(to_status)?
+        } else {
+            Vec::new()
+        };
+        if auth_on {
+            for key in &keys {
+                self.server.check_read(&who, key, &[])?;
+            }
         }
         if !req.keys {
             keys.clear();
