@@ -13,8 +13,11 @@
 //! - **Atomic apply.** Each applied raft entry is one RocksDB write batch holding its
 //!   changes and the new applied index, so after a crash the store is exactly the
 //!   state after some entry, and replay resumes at the next one. Batches are written
-//!   with RocksDB's WAL but without fsync: the raft log is the durable record, and log
-//!   truncation first syncs this WAL (see `raft::node`).
+//!   with RocksDB's WAL but without fsync, and the WAL is buffered in the process
+//!   (`manual_wal_flush`: no write(2) per batch): the raft log is the durable record,
+//!   and log truncation first flushes and syncs this WAL (see `raft::node`). A crash
+//!   loses a suffix of the buffered WAL at most, and RocksDB recovers a prefix of the
+//!   batches (point-in-time recovery), so the state is still that after some entry.
 //! - **One writer.** Only the apply loop writes. Readers take a RocksDB snapshot after
 //!   loading the current revision, so every revision they may read is in it.
 //! - **Compaction is published before it deletes.** The compacted revision is raised in
@@ -150,6 +153,10 @@ impl MvccStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // Apply batches reach the WAL file when the buffer fills or on `sync`; writes
+        // made with `sync` flush the buffer first. See the module note.
+        opts.set_manual_wal_flush(true);
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = [CF_REV, CF_INDEX, CF_META, CF_LEASE].map(|name| {
             let mut o = Options::default();

@@ -46,6 +46,7 @@ macro_rules! delegate_async_write {
 
 pub mod auth;
 pub mod cluster;
+pub mod coalesce;
 pub mod compactor;
 pub mod config;
 pub mod corrupt;
@@ -69,6 +70,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use coalesce::Coalesce;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -690,7 +692,7 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
             (true, Some(acceptor)) => {
                 let incoming = tokio_stream::StreamExt::map(
                     tls::incoming(listener, acceptor.clone()),
-                    |conn| conn.map(h2_authority::AuthorityFix::new),
+                    |conn| conn.map(|s| Coalesce::new(h2_authority::AuthorityFix::new(s))),
                 );
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
             }
@@ -700,7 +702,7 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
                     |conn| {
                         conn.map(|s| {
                             let _ = s.set_nodelay(true);
-                            h2_authority::AuthorityFix::new(s)
+                            Coalesce::new(h2_authority::AuthorityFix::new(s))
                         })
                     },
                 );
