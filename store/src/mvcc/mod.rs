@@ -31,6 +31,7 @@ pub mod apply;
 pub mod auth;
 pub mod hash;
 pub mod history;
+pub mod hot;
 pub mod key_index;
 pub mod lease;
 pub mod members;
@@ -43,7 +44,7 @@ pub mod write;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use prost::Message;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -116,6 +117,8 @@ pub struct MvccStore {
     install_lock: RwLock<()>,
     /// The auth state as of the last applied entry (see `mvcc::auth`).
     auth: RwLock<Arc<AuthState>>,
+    /// The apply loop's cache of hot keys (see `mvcc::hot`).
+    hot: Mutex<hot::HotKeys>,
 }
 
 pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
@@ -178,6 +181,7 @@ impl MvccStore {
             corrupt: AtomicBool::new(false),
             install_lock: RwLock::new(()),
             auth: RwLock::new(Arc::new(AuthState::default())),
+            hot: Mutex::new(hot::HotKeys::default()),
         };
         store.resume_install()?;
         store.refresh_alarm_cache()?;
@@ -196,6 +200,11 @@ impl MvccStore {
     pub(crate) fn finish_meta(&self, index: u64, batch: WriteBatch) -> Result<()> {
         self.finish(index, batch, None, Ok(ApplyResponse::LeaseCheckpoint))
             .map(|_| ())
+    }
+
+    /// The hot-key cache; only the apply loop uses it.
+    pub(crate) fn hot(&self) -> MutexGuard<'_, hot::HotKeys> {
+        self.hot.lock().expect("hot-key cache lock")
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
@@ -393,15 +402,28 @@ impl MvccStore {
         txn: Option<write::WriteTxn<'_>>,
         response: Result<ApplyResponse>,
     ) -> Result<Applied> {
-        let (rev, changes) = match txn {
-            Some(t) => t.commit(&mut batch),
-            None => (self.current_revision(), Vec::new()),
+        let (rev, changes, hot) = match txn {
+            Some(t) => {
+                let c = t.commit(&mut batch);
+                (c.revision, c.changes, c.hot)
+            }
+            None => (self.current_revision(), Vec::new(), Vec::new()),
         };
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_APPLIED_INDEX, (index as i64).to_be_bytes());
         batch.put_cf(meta, META_CURRENT_REV, rev.to_be_bytes());
         let started = std::time::Instant::now();
-        self.db.write(batch)?;
+        if let Err(e) = self.db.write(batch) {
+            // The cache must not run ahead of the engine.
+            self.hot().clear();
+            return Err(e.into());
+        }
+        if !hot.is_empty() {
+            let mut cache = self.hot();
+            for (key, state) in hot {
+                cache.record(key, state);
+            }
+        }
         crate::metrics::METRICS
             .backend_commit
             .observe(started.elapsed());
@@ -438,6 +460,8 @@ impl MvccStore {
         it.status()?;
         // Publish before deleting; see the module note.
         self.compacted.store(at, Ordering::Release);
+        // Compaction trims the indexes of keys the cache may hold.
+        self.hot().clear();
         for key in keys {
             let Some(raw) = self.db.get_pinned_cf(index_cf, &key)? else {
                 continue;

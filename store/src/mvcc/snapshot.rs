@@ -185,6 +185,8 @@ impl MvccStore {
 
     fn redo_install(&self, path: &Path, raft_meta: &[u8]) -> Result<()> {
         let _readers = self.install_lock.write().expect("install lock");
+        // The key space is replaced: nothing cached about it holds.
+        self.hot().clear();
         for name in CFS {
             self.clear_cf(name)?;
         }
@@ -450,6 +452,45 @@ mod tests {
             b.installed_raft_snapshot().unwrap(),
             Some(b"raft-meta".to_vec())
         );
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_what_the_hot_key_cache_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = MvccStore::open(&dir.path().join("a")).unwrap();
+        for i in 1..=5 {
+            put(&a, i, "k", &format!("a{i}"));
+        }
+        let file = a.write_snapshot(&dir.path().join("a.snap")).unwrap();
+        let b = MvccStore::open(&dir.path().join("b")).unwrap();
+        for i in 1..=3 {
+            put(&b, i, "k", &format!("b{i}"));
+        }
+        assert!(!b.hot().is_empty(), "k is hot on b");
+        b.install_snapshot(&file.path, b"raft-meta").unwrap();
+        // The next write to k builds on the snapshot's k (version 5, value a5), on both.
+        let next = |s: &MvccStore| {
+            let req = InternalRequest {
+                id: 6,
+                header: None,
+                request: Some(Op::Put(PutRequest {
+                    key: "k".into(),
+                    value: "x".into(),
+                    prev_kv: true,
+                    ..Default::default()
+                })),
+            };
+            format!("{:?}", s.apply(6, &req).unwrap())
+        };
+        assert_eq!(next(&b), next(&a));
+        let k = b
+            .range(&pontoon_proto::etcdserverpb::RangeRequest {
+                key: "k".into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .kvs;
+        assert_eq!((k[0].version, k[0].value.as_slice()), (6, &b"x"[..]));
     }
 
     #[test]

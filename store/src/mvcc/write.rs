@@ -7,7 +7,9 @@
 //! advance the revision.
 //!
 //! Only the apply loop creates write transactions, one at a time: it is the store's
-//! single writer, so reading RocksDB directly (without a snapshot) is consistent here.
+//! single writer, so reading RocksDB directly (without a snapshot) is consistent here,
+//! and so is reading its cache of hot keys ([`super::hot`]), which a key's index and
+//! current value come from first.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,6 +17,7 @@ use rocksdb::{ReadOptions, WriteBatch};
 
 use pontoon_proto::mvccpb::KeyValue;
 
+use super::hot::HotKey;
 use super::key_index::KeyIndex;
 use super::lease::attachment_key;
 use super::revision::Revision;
@@ -77,11 +80,23 @@ impl<'a> WriteTxn<'a> {
         Revision::new(self.begin + 1, self.changes.len() as i64)
     }
 
+    /// The value `key` was given at `rev`: from this transaction, the hot-key cache or
+    /// the engine.
+    fn value(&self, key: &[u8], rev: Revision) -> Result<KeyValue> {
+        if let Some(kv) = self.kvs.get(&rev) {
+            return Ok(kv.clone());
+        }
+        if let Some(kv) = self.store.hot().value(key, rev) {
+            return Ok(kv.clone());
+        }
+        get_kv_db(self.store, &ReadOptions::default(), rev)
+    }
+
     /// The key's current value as this transaction sees it.
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
         match self.get_index(key)? {
             Some(ki) => match ki.visible_at(self.read_revision()) {
-                Some(rev) => Ok(Some(self.get_kv(rev)?)),
+                Some(rev) => Ok(Some(self.value(key, rev)?)),
                 None => Ok(None),
             },
             None => Ok(None),
@@ -100,7 +115,7 @@ impl<'a> WriteTxn<'a> {
     ) -> Result<Option<KeyValue>> {
         let mut ki = self.get_index(key)?.unwrap_or_default();
         let prev = match ki.visible_at(self.read_revision()) {
-            Some(rev) => Some(self.get_kv(rev)?),
+            Some(rev) => Some(self.value(key, rev)?),
             None => None,
         };
         let (value, lease) = match (&prev, value, lease) {
@@ -154,7 +169,7 @@ impl<'a> WriteTxn<'a> {
         })?;
         let mut prevs = Vec::with_capacity(victims.len());
         for (key, mut ki, rev) in victims {
-            let prev = self.get_kv(rev)?;
+            let prev = self.value(&key, rev)?;
             if prev.lease != 0 {
                 self.attachments
                     .insert(attachment_key(prev.lease, &key), false);
@@ -189,9 +204,9 @@ impl<'a> WriteTxn<'a> {
         self.dropped_leases.push(id);
     }
 
-    /// Adds the transaction's changes to `batch` and returns the store revision after
-    /// it (unchanged if nothing was written).
-    pub fn commit(self, batch: &mut WriteBatch) -> (i64, Vec<Change>) {
+    /// Adds the transaction's changes to `batch`; what the store records once the batch
+    /// is written.
+    pub fn commit(mut self, batch: &mut WriteBatch) -> Committed {
         let lease_cf = self.store.cf(CF_LEASE);
         for (k, attach) in &self.attachments {
             if *attach {
@@ -204,18 +219,50 @@ impl<'a> WriteTxn<'a> {
             batch.delete_cf(lease_cf, id.to_be_bytes());
         }
         if self.changes.is_empty() {
-            return (self.begin, self.changes);
+            return Committed {
+                revision: self.begin,
+                changes: self.changes,
+                hot: Vec::new(),
+            };
         }
         let rev_cf = self.store.cf(CF_REV);
         for c in &self.changes {
             batch.put_cf(rev_cf, c.rev.encode(), encode_record(c.tombstone, &c.kv));
         }
         let index_cf = self.store.cf(CF_INDEX);
-        for (key, ki) in &self.index {
-            batch.put_cf(index_cf, key, ki.encode());
+        let revision = self.begin + 1;
+        let mut hot = Vec::with_capacity(self.index.len());
+        for (key, index) in std::mem::take(&mut self.index) {
+            batch.put_cf(index_cf, &key, index.encode());
+            // Every key in the overlay was written here, so its current value (if it
+            // is not deleted) is one of this transaction's.
+            let state = match index.visible_at(revision) {
+                None => Some(HotKey {
+                    index,
+                    latest: None,
+                }),
+                Some(rev) => self.kvs.remove(&rev).map(|kv| HotKey {
+                    index,
+                    latest: Some((rev, kv)),
+                }),
+            };
+            hot.push((key, state));
         }
-        (self.begin + 1, self.changes)
+        Committed {
+            revision,
+            changes: self.changes,
+            hot,
+        }
     }
+}
+
+/// A committed write transaction.
+pub struct Committed {
+    /// The store revision after it (unchanged if nothing was written).
+    pub revision: i64,
+    pub changes: Vec<Change>,
+    /// Each written key's state, for the hot-key cache once the batch is written.
+    pub hot: Vec<(Vec<u8>, Option<HotKey>)>,
 }
 
 impl ReadView for WriteTxn<'_> {
@@ -248,6 +295,9 @@ impl ReadView for WriteTxn<'_> {
 
     fn get_index(&self, key: &[u8]) -> Result<Option<KeyIndex>> {
         if let Some(ki) = self.index.get(key) {
+            return Ok(Some(ki.clone()));
+        }
+        if let Some(ki) = self.store.hot().index(key) {
             return Ok(Some(ki.clone()));
         }
         match self.store.db.get_pinned_cf(self.store.cf(CF_INDEX), key)? {
