@@ -8,20 +8,20 @@
 //! also runs the receiver's TCP input, so those calls were a tenth of the server's CPU.
 //!
 //! [`Coalesce`] does what grpc-go's writer does (it yields before flushing): writes are
-//! copied into a buffer; the first `poll_flush` with buffered bytes wakes the task and
-//! returns `Pending`, which tokio treats as a yield (the task goes to the back of the
-//! run queue), so the other request tasks that are ready add their responses first;
-//! the next `poll_flush` writes everything in one call. Invariants:
+//! copied into a buffer; a `poll_flush` with buffered bytes first yields
+//! (`tokio::task::yield_now`: the task is woken again once the worker has run the
+//! tasks already ready), so the other request tasks that are ready add their responses
+//! first; then everything is written in one call. Invariants:
 //!
 //! - **Bytes go out in order and none are held back**: every `poll_flush` either
-//!   returns `Pending` having woken the task (so the connection polls again and
-//!   flushes), or returns `Ready` only once the buffer is written and the inner stream
-//!   flushed. The HTTP/2 and HTTP/1 servers flush at the end of every poll in which
-//!   they wrote.
+//!   returns `Pending` with a wake-up arranged (the yield's, or the socket's), or
+//!   returns `Ready` only once the buffer is written and the inner stream flushed. The
+//!   HTTP/2 and HTTP/1 servers flush at the end of every poll in which they wrote.
 //! - **Bounded**: past [`HIGH_WATER`] buffered bytes a write first drains the buffer
 //!   to the socket, so a slow reader applies back-pressure as before.
 //! - Reads pass through untouched.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -36,8 +36,8 @@ pub struct Coalesce<S> {
     buf: Vec<u8>,
     /// Bytes of `buf` already written to `inner`.
     written: usize,
-    /// The last `poll_flush` yielded; the next one writes.
-    yielded: bool,
+    /// The yield in progress: `poll_flush` writes once it completes.
+    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl<S> Coalesce<S> {
@@ -46,7 +46,7 @@ impl<S> Coalesce<S> {
             inner,
             buf: Vec::new(),
             written: 0,
-            yielded: false,
+            yielding: None,
         }
     }
 
@@ -109,15 +109,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.buffered() > 0 {
-            if !self.yielded {
-                // A task woken while it runs is queued behind the tasks already ready.
-                self.yielded = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
+            // tokio's yield defers the wake-up until the worker has run the tasks
+            // already ready (and polled for I/O), without waking another worker.
+            let yielding = self
+                .yielding
+                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            ready!(yielding.as_mut().poll(cx));
+            self.yielding = None;
             ready!(self.poll_drain(cx))?;
         }
-        self.yielded = false;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -186,8 +186,8 @@ mod tests {
         (Coalesce::new(inner), writes)
     }
 
-    #[test]
-    fn first_flush_yields_and_wakes_then_the_next_writes_everything_once() {
+    #[tokio::test]
+    async fn first_flush_yields_and_wakes_then_the_next_writes_everything_once() {
         let (mut c, writes) = counting(usize::MAX);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut p = Pin::new(&mut c);
