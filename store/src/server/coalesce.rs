@@ -8,20 +8,21 @@
 //! also runs the receiver's TCP input, so those calls were a tenth of the server's CPU.
 //!
 //! [`Coalesce`] does what grpc-go's writer does (it yields before flushing): writes are
-//! copied into a buffer; a `poll_flush` with buffered bytes first yields
-//! (`tokio::task::yield_now`: the task is woken again once the worker has run the
+//! copied into a buffer; a `poll_flush` with buffered bytes first yields (it wakes its
+//! own task and returns `Pending`; tokio queues a task woken while it runs behind the
 //! tasks already ready), so the other request tasks that are ready add their responses
-//! first; then everything is written in one call. Invariants:
+//! first; then everything is written in one call. A yield that gained nothing (one
+//! request in flight) switches yielding off for the next few flushes, so a lone client
+//! does not pay for it. Invariants:
 //!
 //! - **Bytes go out in order and none are held back**: every `poll_flush` either
-//!   returns `Pending` with a wake-up arranged (the yield's, or the socket's), or
-//!   returns `Ready` only once the buffer is written and the inner stream flushed. The
-//!   HTTP/2 and HTTP/1 servers flush at the end of every poll in which they wrote.
+//!   returns `Pending` with a wake-up arranged (its own, or the socket's), or returns
+//!   `Ready` only once the buffer is written and the inner stream flushed. The HTTP/2
+//!   and HTTP/1 servers flush at the end of every poll in which they wrote.
 //! - **Bounded**: past [`HIGH_WATER`] buffered bytes a write first drains the buffer
 //!   to the socket, so a slow reader applies back-pressure as before.
 //! - Reads pass through untouched.
 
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -30,14 +31,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Buffered bytes beyond which a write drains the buffer before accepting more.
 pub const HIGH_WATER: usize = 256 * 1024;
+/// Flushes that write at once after a yield that gained nothing.
+const SKIP_AFTER_IDLE_YIELD: u8 = 8;
 
 pub struct Coalesce<S> {
     inner: S,
     buf: Vec<u8>,
     /// Bytes of `buf` already written to `inner`.
     written: usize,
-    /// The yield in progress: `poll_flush` writes once it completes.
-    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// A yield is in progress, begun with this many bytes buffered.
+    yielded_at: Option<usize>,
+    /// Flushes left that write without yielding, after a yield gained nothing.
+    skip: u8,
 }
 
 impl<S> Coalesce<S> {
@@ -46,7 +51,8 @@ impl<S> Coalesce<S> {
             inner,
             buf: Vec::new(),
             written: 0,
-            yielding: None,
+            yielded_at: None,
+            skip: 0,
         }
     }
 
@@ -108,14 +114,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.buffered() > 0 {
-            // tokio's yield defers the wake-up until the worker has run the tasks
-            // already ready (and polled for I/O), without waking another worker.
-            let yielding = self
-                .yielding
-                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
-            ready!(yielding.as_mut().poll(cx));
-            self.yielding = None;
+        let buffered = self.buffered();
+        if buffered > 0 {
+            match self.yielded_at {
+                None if self.skip > 0 => self.skip -= 1,
+                None => {
+                    // A task woken while it runs goes to the back of the run queue.
+                    self.yielded_at = Some(buffered);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(at) => {
+                    // Nothing arrived meanwhile (one request in flight, say): stop
+                    // paying for yields for a while.
+                    if buffered == at {
+                        self.skip = SKIP_AFTER_IDLE_YIELD;
+                    }
+                    self.yielded_at = None;
+                }
+            }
             ready!(self.poll_drain(cx))?;
         }
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -186,8 +203,8 @@ mod tests {
         (Coalesce::new(inner), writes)
     }
 
-    #[tokio::test]
-    async fn first_flush_yields_and_wakes_then_the_next_writes_everything_once() {
+    #[test]
+    fn first_flush_yields_and_wakes_then_the_next_writes_everything_once() {
         let (mut c, writes) = counting(usize::MAX);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut p = Pin::new(&mut c);
@@ -213,6 +230,32 @@ mod tests {
             Poll::Ready(Ok(()))
         ));
         assert_eq!(writes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_yield_that_gains_nothing_turns_yielding_off_for_a_while() {
+        let (mut c, writes) = counting(usize::MAX);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut p = Pin::new(&mut c);
+        let _ = p.as_mut().poll_write(&mut cx, b"lone");
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(p.as_mut().poll_flush(&mut cx).is_ready());
+        for i in 0..SKIP_AFTER_IDLE_YIELD as usize {
+            let _ = p.as_mut().poll_write(&mut cx, b"next");
+            assert!(
+                p.as_mut().poll_flush(&mut cx).is_ready(),
+                "flush {i} writes at once"
+            );
+        }
+        assert_eq!(
+            writes.load(Ordering::Relaxed),
+            1 + SKIP_AFTER_IDLE_YIELD as usize
+        );
+        let _ = p.as_mut().poll_write(&mut cx, b"again");
+        assert!(
+            p.as_mut().poll_flush(&mut cx).is_pending(),
+            "then yields again"
+        );
     }
 
     #[tokio::test]
