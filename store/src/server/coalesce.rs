@@ -134,6 +134,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
                 }
             }
             ready!(self.poll_drain(cx))?;
+        } else {
+            // A write past the high-water mark drained the buffer during a yield.
+            self.yielded_at = None;
         }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
