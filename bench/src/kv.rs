@@ -113,17 +113,7 @@ pub(crate) async fn run_kv(args: &Args, conns: &[Client]) -> anyhow::Result<Summ
         total: ctl.total,
         duration: args.duration.map(Duration::from_secs),
     });
-    let shared = Arc::new(args.clone());
-    let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            tokio::spawn(kv_client(
-                i,
-                shared.clone(),
-                conns[i % conns.len()].clone(),
-                ctl.clone(),
-            ))
-        })
-        .collect();
+    let tasks = ctl.spawn_clients(clients, args, conns, kv_client);
     let mut hist = new_hist();
     let mut deleted = 0;
     for t in tasks {

@@ -335,6 +335,32 @@ impl Ctl {
         }
     }
 
+    /// Spawns `n` client tasks `client(i, args, connection, ctl)`, spread over the
+    /// connections round-robin.
+    fn spawn_clients<T, Fut>(
+        self: &Arc<Self>,
+        n: usize,
+        args: &Args,
+        conns: &[Client],
+        client: impl Fn(usize, Arc<Args>, Client, Arc<Ctl>) -> Fut,
+    ) -> Vec<JoinHandle<T>>
+    where
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let shared = Arc::new(args.clone());
+        (0..n)
+            .map(|i| {
+                tokio::spawn(client(
+                    i,
+                    shared.clone(),
+                    conns[i % conns.len()].clone(),
+                    self.clone(),
+                ))
+            })
+            .collect()
+    }
+
     /// The index of the next request, or None when the run is over.
     fn next(&self) -> Option<u64> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {

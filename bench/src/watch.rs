@@ -265,17 +265,7 @@ pub(crate) async fn run_watch(args: &Args, conns: &[Client]) -> anyhow::Result<S
         total: ctl.total.map(|t| t * watchers),
         duration: args.duration.map(Duration::from_secs),
     });
-    let shared = Arc::new(args.clone());
-    let tasks: Vec<_> = (0..writers)
-        .map(|i| {
-            tokio::spawn(watch_writer(
-                i,
-                shared.clone(),
-                conns[i % conns.len()].clone(),
-                ctl.clone(),
-            ))
-        })
-        .collect();
+    let tasks = ctl.spawn_clients(writers, args, conns, watch_writer);
     let mut put_hist = new_hist();
     for t in tasks {
         put_hist.add(t.await?).expect("same bounds");

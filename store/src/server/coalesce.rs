@@ -27,7 +27,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Buffered bytes beyond which a write drains the buffer before accepting more.
 pub const HIGH_WATER: usize = 256 * 1024;
@@ -147,22 +147,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Coalesce<S> {
-    type ConnectInfo = S::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
+delegate_async_read!([S: AsyncRead + Unpin] Coalesce<S>);
+delegate_connected!(Coalesce);
 
 #[cfg(test)]
 mod tests {

@@ -297,14 +297,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 
 delegate_async_write!([S: AsyncWrite + Unpin] AuthorityFix<S>);
 
-impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for AuthorityFix<S>
-{
-    type ConnectInfo = S::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
+delegate_connected!(AuthorityFix);
 
 #[cfg(test)]
 mod tests {

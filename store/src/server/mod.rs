@@ -6,7 +6,8 @@
 
 /// Implements `tokio::io::AsyncWrite` for a connection wrapper by handing every call to
 /// its `inner` stream: the wrappers (`tls::TlsConn`, `h2_authority::AuthorityFix`)
-/// only change what is read or what is known about the peer. Usage:
+/// only change what is read or what is known about the peer (`coalesce::Coalesce`
+/// writes itself and delegates the rest). Usage:
 /// `delegate_async_write!([generics] Type);` (defined before the modules that use it).
 macro_rules! delegate_async_write {
     ([$($generics:tt)*] $t:ty) => {
@@ -39,6 +40,37 @@ macro_rules! delegate_async_write {
             }
             fn is_write_vectored(&self) -> bool {
                 self.inner.is_write_vectored()
+            }
+        }
+    };
+}
+
+/// Implements `tokio::io::AsyncRead` for a connection wrapper that only changes writes
+/// (`tls::TlsConn`, `coalesce::Coalesce`) by handing reads to its `inner` stream.
+/// Usage: `delegate_async_read!([generics] Type);`.
+macro_rules! delegate_async_read {
+    ([$($generics:tt)*] $t:ty) => {
+        impl<$($generics)*> tokio::io::AsyncRead for $t {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+            }
+        }
+    };
+}
+
+/// Implements tonic's `Connected` for a connection wrapper by reporting its `inner`
+/// stream's peer (`h2_authority::AuthorityFix`, `coalesce::Coalesce`).
+/// Usage: `delegate_connected!(Type);` for a `Type<S>`.
+macro_rules! delegate_connected {
+    ($t:ident) => {
+        impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for $t<S> {
+            type ConnectInfo = S::ConnectInfo;
+            fn connect_info(&self) -> Self::ConnectInfo {
+                self.inner.connect_info()
             }
         }
     };
