@@ -210,6 +210,25 @@ impl Member {
         }
     }
 
+    /// SIGSTOP: the process stays, its threads stop (a stalled disk or VM).
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("member is running");
+        let st = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill {sig} {}", c.id());
+    }
+
     /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
         let Some(mut c) = self.child.take() else {

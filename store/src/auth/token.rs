@@ -106,6 +106,12 @@ pub fn simple_token_prefix() -> String {
         .collect()
 }
 
+/// The raft index a simple token was assigned at (`<letters>.<index>`), if it has
+/// that shape.
+pub fn simple_token_index(token: &str) -> Option<u64> {
+    token.rsplit_once('.')?.1.parse().ok()
+}
+
 pub struct SimpleTokens {
     ttl: Duration,
     inner: Mutex<SimpleInner>,
@@ -306,6 +312,13 @@ mod tests {
         t.assign("c.3".into(), "carol");
         t.clear();
         assert_eq!(t.info("c.3"), None);
+    }
+
+    #[test]
+    fn simple_tokens_name_their_raft_index() {
+        assert_eq!(simple_token_index("aBcDeFgHiJkLmNoP.42"), Some(42));
+        assert_eq!(simple_token_index("aBcDeFgHiJkLmNoP"), None);
+        assert_eq!(simple_token_index("a.b.x"), None);
     }
 
     #[test]

@@ -569,6 +569,12 @@ impl RaftNode {
             Ok(Err(_)) => return Err(Error::Stopped),
             Err(_) => return Err(Error::Timeout),
         };
+        self.wait_applied(index).await
+    }
+
+    /// Returns once this member has applied the entry at `index` (`Timeout` after the
+    /// request timeout).
+    pub async fn wait_applied(&self, index: u64) -> Result<()> {
         let mut applied = self.applied.clone();
         let waited = tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index))
             .await

@@ -23,7 +23,7 @@ use pontoon_proto::internal::InternalAuthenticate;
 use super::status::to_status;
 use super::tls::TlsConnectInfo;
 use super::EtcdServer;
-use crate::auth::token::{simple_token_prefix, TokenProvider};
+use crate::auth::token::{simple_token_index, simple_token_prefix, TokenProvider};
 use crate::auth::{password, AuthInfo};
 use crate::error::Error;
 use crate::mvcc::{ApplyResponse, TokenEffect};
@@ -54,24 +54,39 @@ impl EtcdServer {
     /// Who sent `req`: etcd's `AuthInfoFromCtx`, then the client certificate.
     /// With auth off, an empty [`AuthInfo`]. A token that is unknown, expired or
     /// forged is `etcdserver: invalid auth token`.
-    pub fn caller<T>(&self, req: &Request<T>) -> Result<AuthInfo, Status> {
+    pub async fn caller<T>(&self, req: &Request<T>) -> Result<AuthInfo, Status> {
         if !self.mvcc.auth().enabled {
             return Ok(AuthInfo::default());
         }
-        self.resolve(&self.credentials(req))
+        self.resolve(&self.credentials(req)).await
     }
 
-    pub fn resolve(&self, creds: &Credentials) -> Result<AuthInfo, Status> {
-        let auth = self.mvcc.auth();
-        if !auth.enabled {
+    /// A simple token names the raft index of the entry that assigned it. A member
+    /// that has not applied that entry yet (the client authenticated on a faster
+    /// member) waits for it, up to the request timeout, before judging the token, as
+    /// etcd's `isValidSimpleToken` does.
+    pub async fn resolve(&self, creds: &Credentials) -> Result<AuthInfo, Status> {
+        if !self.mvcc.auth().enabled {
             return Ok(AuthInfo::default());
         }
         if let Some(token) = &creds.token {
+            if self.tokens.is_simple() {
+                if let Some(index) = simple_token_index(token) {
+                    if self.raft.wait_applied(index).await.is_err() {
+                        return Err(to_status(Error::InvalidAuthToken));
+                    }
+                }
+            }
+            let auth = self.mvcc.auth();
+            if !auth.enabled {
+                return Ok(AuthInfo::default());
+            }
             return self
                 .tokens
                 .info(token, auth.revision)
                 .ok_or_else(|| to_status(Error::InvalidAuthToken));
         }
+        let auth = self.mvcc.auth();
         match &creds.cert_name {
             Some(cn) if self.client_cert_auth => Ok(AuthInfo {
                 username: cn.clone(),
@@ -136,7 +151,7 @@ impl AuthService {
 
     /// For gets and lists: a linearizable barrier, then the admin check.
     async fn read_admin<T>(&self, req: &Request<T>) -> Result<ResponseHeader, Status> {
-        let who = self.server.caller(req)?;
+        let who = self.server.caller(req).await?;
         self.server.raft.read_index().await.map_err(to_status)?;
         self.server.check_admin(&who)?;
         Ok(self.server.header(self.server.mvcc.current_revision()))
@@ -157,7 +172,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthEnableRequest>,
     ) -> Result<Response<AuthEnableResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::AuthEnable(req.into_inner()))
             .await?;
@@ -170,7 +185,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthDisableRequest>,
     ) -> Result<Response<AuthDisableResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::AuthDisable(req.into_inner()))
             .await?;
@@ -236,7 +251,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthUserAddRequest>,
     ) -> Result<Response<AuthUserAddResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let mut r = req.into_inner();
         let no_password = r.options.is_some_and(|o| o.no_password);
         if !no_password {
@@ -282,7 +297,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthUserDeleteRequest>,
     ) -> Result<Response<AuthUserDeleteResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::UserDelete(req.into_inner()))
             .await?;
@@ -295,7 +310,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let mut r = req.into_inner();
         r.hashed_password = self.hash(std::mem::take(&mut r.password)).await?;
         let header = self.manage(&who, InternalOp::UserChangePassword(r)).await?;
@@ -308,7 +323,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthUserGrantRoleRequest>,
     ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::UserGrantRole(req.into_inner()))
             .await?;
@@ -321,7 +336,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthUserRevokeRoleRequest>,
     ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::UserRevokeRole(req.into_inner()))
             .await?;
@@ -334,7 +349,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthRoleAddRequest>,
     ) -> Result<Response<AuthRoleAddResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::RoleAdd(req.into_inner()))
             .await?;
@@ -375,7 +390,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthRoleDeleteRequest>,
     ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::RoleDelete(req.into_inner()))
             .await?;
@@ -388,7 +403,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::RoleGrantPermission(req.into_inner()))
             .await?;
@@ -401,7 +416,7 @@ impl Auth for AuthService {
         &self,
         req: Request<AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let header = self
             .manage(&who, InternalOp::RoleRevokePermission(req.into_inner()))
             .await?;

@@ -135,7 +135,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let req = req.into_inner();
         self.check_urls(&req.peer_ur_ls, None)?;
         let members = self.members()?;
@@ -176,7 +176,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let id = req.into_inner().id;
         let target = self.member(id)?;
         let voters = self.members()?.iter().filter(|m| !m.is_learner).count();
@@ -196,7 +196,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         self.server.check_admin(&who)?;
         let req = req.into_inner();
         self.member(req.id)?;
@@ -237,7 +237,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let metadata = req.metadata().clone();
         let req = req.into_inner();
         let target = self.member(req.id)?;

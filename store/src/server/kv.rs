@@ -34,7 +34,7 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         validate::check_range(&req).map_err(to_status)?;
         if !req.serializable {
@@ -51,7 +51,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         validate::check_put(&req).map_err(to_status)?;
         let op = InternalOp::Put(req);
@@ -66,7 +66,7 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         validate::check_delete(&req).map_err(to_status)?;
         let op = InternalOp::DeleteRange(req);
@@ -78,7 +78,7 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         validate::check_txn(&req, self.server.max_txn_ops).map_err(to_status)?;
         if apply::txn_is_read_only(&req) {
@@ -107,7 +107,7 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let op = InternalOp::Compaction(req.into_inner());
         let r = self.server.propose_for(op, &who, |r| match r {
             ApplyResponse::Compaction(c) => Ok(c),

@@ -72,7 +72,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let mut req = req.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(to_status(Error::LeaseTtlTooLarge));
@@ -100,7 +100,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         let id = req.id;
         let r = self
@@ -150,7 +150,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         let req = req.into_inner();
         self.server.raft.read_index().await.map_err(to_status)?;
         let header = Some(self.server.header(self.server.mvcc.current_revision()));

@@ -185,7 +185,7 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         let prefix = name_prefix(&req.name);
         let (key, kv) = self.0.enter(&prefix, req.lease, b"", &who).await?;
@@ -204,7 +204,7 @@ impl Lock for LockService {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         let d = DeleteRangeRequest {
             key: req.key,
@@ -246,7 +246,7 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         let prefix = name_prefix(&req.name);
         let (key, kv) = self.0.enter(&prefix, req.lease, &req.value, &who).await?;
@@ -281,7 +281,7 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         let leader = req
             .leader
@@ -309,7 +309,7 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         match self.leader_kv(&req.name, &who).await? {
             Some(kv) => Ok(Response::new(LeaderResponse {
@@ -326,7 +326,7 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let name = req.into_inner().name;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = ElectionService(Contention {
@@ -369,7 +369,7 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let who = self.0.server.caller(&req)?;
+        let who = self.0.server.caller(&req).await?;
         let req = req.into_inner();
         let leader = req
             .leader

@@ -66,7 +66,7 @@ pub(crate) fn alarm_text(a: i32) -> &'static str {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let who = self.server.caller(&req)?;
+        let who = self.server.caller(&req).await?;
         if req.get_ref().action != AlarmAction::Get as i32 {
             // etcd lets anyone raise or clear alarms; Pontoon asks for root, so no
             // ordinary user can disarm a NOSPACE or CORRUPT alarm.
@@ -112,7 +112,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let mvcc = self.server.mvcc.clone();
         tokio::task::spawn_blocking(move || mvcc.defragment())
             .await
@@ -124,7 +124,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let mvcc = self.server.mvcc.clone();
         let hash = tokio::task::spawn_blocking(move || mvcc.hash_all())
             .await
@@ -140,7 +140,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let rev = req.into_inner().revision;
         hash_kv(&self.server, rev).await.map(Response::new)
     }
@@ -151,7 +151,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let server = self.server.clone();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -211,7 +211,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         let target = req.into_inner().target_id;
         let s = &self.server;
         if !s.raft.status().is_leader() {
@@ -240,7 +240,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
-        self.server.check_admin(&self.server.caller(&req)?)?;
+        self.server.check_admin(&self.server.caller(&req).await?)?;
         Err(Status::unimplemented("downgrade is not supported"))
     }
 }

@@ -232,7 +232,9 @@ impl WatchStream {
         let auth = self.server.mvcc.auth();
         let mut user = String::new();
         if auth.enabled {
-            let who = self.server.resolve(&self.creds);
+            let who = self.server.resolve(&self.creds).await;
+            // Resolving may have waited for this member to apply more entries.
+            let auth = self.server.mvcc.auth();
             let permitted = who
                 .as_ref()
                 .is_ok_and(|who| auth.check(who, &key, &c.range_end, PermType::Read).is_ok());
