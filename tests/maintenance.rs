@@ -139,6 +139,18 @@ async fn http_endpoints_and_status() {
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics:\n{metrics}");
     }
+    // Where the put spent its time, stage by stage (it went through all of them).
+    for stage in ["queued", "persisted", "applied", "answered"] {
+        let series =
+            format!("pontoon_server_proposal_duration_seconds_count{{stage=\"{stage}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{metrics}"))
+            .parse()
+            .unwrap();
+        assert!(count >= 1, "{series}{count}");
+    }
     // A failed call is counted with its code.
     let _ = c.compact(1_000_000, None).await.unwrap_err();
     let (_, metrics) = http_get(&m, "/metrics");

@@ -69,6 +69,30 @@ const RTT_BUCKETS: &[f64] = &[
     0.4096, 0.8192, 1.6384, 3.2768,
 ];
 
+/// Where a proposal has got to, for `pontoon_server_proposal_duration_seconds`: each
+/// is measured from the moment the request was proposed, so comparing them shows
+/// which step a slow request waited in.
+#[derive(Clone, Copy)]
+pub enum Stage {
+    /// The raft thread took it from its queue and handed it to raft.
+    Queued,
+    /// The leader's WAL fsync covering it returned (leader only).
+    Persisted,
+    /// The apply thread applied it and woke the caller.
+    Applied,
+    /// The caller's task ran again with the answer.
+    Answered,
+}
+
+impl Stage {
+    const ALL: [(Stage, &'static str); 4] = [
+        (Stage::Queued, "queued"),
+        (Stage::Persisted, "persisted"),
+        (Stage::Applied, "applied"),
+        (Stage::Answered, "answered"),
+    ];
+}
+
 pub struct Metrics {
     pub wal_fsync: Histogram,
     pub backend_commit: Histogram,
@@ -77,6 +101,8 @@ pub struct Metrics {
     /// gRPC calls by path (`/etcdserverpb.KV/Range`). After a path's first call,
     /// counting takes a shared lock and two atomic adds, no allocation.
     grpc: RwLock<HashMap<String, GrpcCounters>>,
+    /// By [`Stage`].
+    proposal_stages: [Histogram; 4],
 }
 
 /// Calls of one gRPC method: started, and handled by status code (0..=16).
@@ -91,6 +117,7 @@ pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| M
     backend_commit: Histogram::new(DISK_BUCKETS),
     peer_rtt: Mutex::new(BTreeMap::new()),
     grpc: RwLock::new(HashMap::new()),
+    proposal_stages: std::array::from_fn(|_| Histogram::new(RTT_BUCKETS)),
 });
 
 impl Metrics {
@@ -101,6 +128,10 @@ impl Metrics {
             .entry(format!("{peer:x}"))
             .or_insert_with(|| Histogram::new(RTT_BUCKETS))
             .observe(d);
+    }
+
+    pub fn proposal_stage(&self, stage: Stage, since_proposed: Duration) {
+        self.proposal_stages[stage as usize].observe(since_proposed);
     }
 
     fn with_grpc(&self, path: &str, f: impl Fn(&GrpcCounters)) {
@@ -157,6 +188,18 @@ impl Metrics {
         );
         for (peer, h) in self.peer_rtt.lock().expect("metrics lock").iter() {
             h.render(&mut out, name, &format!("To=\"{peer}\""));
+        }
+        let name = "pontoon_server_proposal_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from proposing a write to the end of each stage: queued (taken by raft), persisted (leader's WAL fsync), applied, answered (caller resumed).\n# TYPE {name} histogram"
+        );
+        for (stage, label) in Stage::ALL {
+            self.proposal_stages[stage as usize].render(
+                &mut out,
+                name,
+                &format!("stage=\"{label}\""),
+            );
         }
         let grpc = self.grpc.read().expect("metrics lock");
         let mut paths: Vec<&String> = grpc.keys().collect();

@@ -42,6 +42,7 @@ use super::logger::raft_logger;
 use super::storage::WalStorage;
 use super::transport::{Report, Transport};
 use crate::error::{Error, Result};
+use crate::metrics::{Stage, METRICS};
 use crate::mvcc::members::decode_member;
 use crate::mvcc::snapshot::SnapshotFile;
 use crate::mvcc::{ApplyResponse, Change, MemberChange, MvccStore};
@@ -143,7 +144,8 @@ impl RaftStatus {
     }
 }
 
-type Waiter = oneshot::Sender<Result<ApplyResponse>>;
+/// Answers a proposal; holds when it was proposed (for the stage histograms).
+type Waiter = (oneshot::Sender<Result<ApplyResponse>>, Instant);
 /// Learns the commit index a linearizable read must wait for.
 type ReadWaiter = oneshot::Sender<Result<u64>>;
 
@@ -152,13 +154,17 @@ type ReadWaiter = oneshot::Sender<Result<u64>>;
 struct Waiters(Mutex<HashMap<u64, Waiter>>);
 
 impl Waiters {
-    fn register(&self, id: u64) -> oneshot::Receiver<Result<ApplyResponse>> {
+    fn register(&self, id: u64, proposed: Instant) -> oneshot::Receiver<Result<ApplyResponse>> {
         let (tx, rx) = oneshot::channel();
-        self.0.lock().expect("waiters lock").insert(id, tx);
+        self.0
+            .lock()
+            .expect("waiters lock")
+            .insert(id, (tx, proposed));
         rx
     }
     fn complete(&self, id: u64, r: Result<ApplyResponse>) {
-        if let Some(tx) = self.0.lock().expect("waiters lock").remove(&id) {
+        if let Some((tx, proposed)) = self.0.lock().expect("waiters lock").remove(&id) {
+            METRICS.proposal_stage(Stage::Applied, proposed.elapsed());
             let _ = tx.send(r);
         }
     }
@@ -169,7 +175,7 @@ impl Waiters {
         self.0.lock().expect("waiters lock").remove(&id);
     }
     fn fail_all(&self, e: impl Fn() -> Error) {
-        for (_, tx) in self.0.lock().expect("waiters lock").drain() {
+        for (_, (tx, _)) in self.0.lock().expect("waiters lock").drain() {
             let _ = tx.send(Err(e()));
         }
     }
@@ -186,6 +192,7 @@ enum Command {
     Propose {
         id: u64,
         data: Vec<u8>,
+        proposed: Instant,
     },
     ProposeConfChange {
         id: u64,
@@ -415,6 +422,7 @@ impl RaftNode {
             catch_up: CATCH_UP_ENTRIES.min(cfg.snapshot_count),
             queued: Vec::new(),
             forwarded: Vec::new(),
+            appending: Vec::new(),
             reads_new: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
@@ -521,12 +529,15 @@ impl RaftNode {
             header,
         }
         .encode_to_vec();
-        let rx = self.waiters.register(id);
-        if let Err(e) = self.send(Command::Propose { id, data }) {
+        let proposed = Instant::now();
+        let rx = self.waiters.register(id, proposed);
+        if let Err(e) = self.send(Command::Propose { id, data, proposed }) {
             self.waiters.forget(id);
             return Err(e);
         }
-        self.wait(id, rx).await
+        let r = self.wait(id, rx).await;
+        METRICS.proposal_stage(Stage::Answered, proposed.elapsed());
+        r
     }
 
     /// Proposes a membership change and waits until it is applied; answers with the
@@ -543,7 +554,7 @@ impl RaftNode {
         cc.node_id = node_id;
         cc.id = id;
         cc.context = member.encode_to_vec().into();
-        let rx = self.waiters.register(id);
+        let rx = self.waiters.register(id, Instant::now());
         if let Err(e) = self.send(Command::ProposeConfChange { id, cc }) {
             self.waiters.forget(id);
             return Err(e);
@@ -641,6 +652,9 @@ struct Driver {
     queued: Vec<Queued>,
     /// Proposals forwarded to another member as leader: (waiter id, that leader).
     forwarded: Vec<(u64, u64)>,
+    /// When each proposal this leader appended in the current round was made; the
+    /// round's fsync makes them durable (the `persisted` stage).
+    appending: Vec<Instant>,
     /// Read-index requests not yet sent to raft; they will share one round.
     reads_new: Vec<ReadWaiter>,
     /// Read-index rounds in flight, by context, with the ticks they have waited.
@@ -654,7 +668,7 @@ struct Driver {
 }
 
 enum Queued {
-    Normal(u64, Vec<u8>),
+    Normal(u64, Vec<u8>, Instant),
     ConfChange(u64, ConfChange),
 }
 
@@ -698,7 +712,9 @@ impl Driver {
     /// Returns false on `Stop`.
     fn on_command(&mut self, cmd: Command) -> Result<bool> {
         match cmd {
-            Command::Propose { id, data } => self.queued.push(Queued::Normal(id, data)),
+            Command::Propose { id, data, proposed } => {
+                self.queued.push(Queued::Normal(id, data, proposed))
+            }
             Command::ProposeConfChange { id, cc } => self.queued.push(Queued::ConfChange(id, cc)),
             Command::ReadIndex(tx) => self.reads_new.push(tx),
             Command::StateDurable(index) => {
@@ -789,7 +805,13 @@ impl Driver {
         }
         for q in std::mem::take(&mut self.queued) {
             let (id, r) = match q {
-                Queued::Normal(id, data) => (id, self.raw.propose(Vec::new(), data)),
+                Queued::Normal(id, data, proposed) => {
+                    METRICS.proposal_stage(Stage::Queued, proposed.elapsed());
+                    if self.raw.raft.state == StateRole::Leader {
+                        self.appending.push(proposed);
+                    }
+                    (id, self.raw.propose(Vec::new(), data))
+                }
                 Queued::ConfChange(id, cc) => (id, self.raw.propose_conf_change(Vec::new(), cc)),
             };
             if r.is_err() {
@@ -920,6 +942,9 @@ impl Driver {
         }
         // Group commit: one fsync covers every entry and the hard state of this Ready.
         self.raw.mut_store().sync()?;
+        for proposed in self.appending.drain(..) {
+            METRICS.proposal_stage(Stage::Persisted, proposed.elapsed());
+        }
         let persisted = ready.take_persisted_messages();
         self.send_messages(persisted);
         let reads = ready.take_read_states();
