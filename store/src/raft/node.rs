@@ -720,8 +720,13 @@ impl Driver {
             Command::StateDurable(index) => {
                 let upto = index.saturating_sub(self.catch_up);
                 if upto >= self.raw.store().first_index() {
-                    tracing::info!(compact_index = upto, "truncating raft log");
+                    let started = Instant::now();
                     self.raw.mut_store().compact(upto)?;
+                    tracing::info!(
+                        compact_index = upto,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "truncated raft log"
+                    );
                 }
             }
             Command::Step(m) => {

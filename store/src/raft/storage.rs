@@ -196,8 +196,10 @@ impl WalStorage {
         if index <= self.snapshot.index || index > self.last_index() {
             return Ok(());
         }
-        let term = self.entries[(index - self.first_index()) as usize].term;
-        self.entries.drain(..=(index - self.first_index()) as usize);
+        let cut = (index - self.first_index()) as usize;
+        let term = self.entries[cut].term;
+        let retained = self.entries.split_off(cut + 1);
+        super::drop_off_thread(std::mem::replace(&mut self.entries, retained));
         let mut snap = SnapshotMetadata {
             index,
             term,
@@ -280,5 +282,53 @@ impl ::raft::Storage for WalStorage {
         Err(::raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ::raft::Storage as _;
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = 1 + index / 5;
+        e.data = format!("entry {index}").into_bytes().into();
+        e
+    }
+
+    fn data(s: &WalStorage, lo: u64, hi: u64) -> Vec<Vec<u8>> {
+        s.entries(lo, hi, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.data.to_vec())
+            .collect()
+    }
+
+    /// Truncation keeps the entries after the cut, in memory and in the rewritten WAL
+    /// (the old log and segment are freed on another thread).
+    #[test]
+    fn compaction_keeps_the_tail_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = WalStorage::bootstrap(dir.path(), ConfState::default(), Vec::new()).unwrap();
+        s.append(&(1..=20).map(entry).collect::<Vec<_>>()).unwrap();
+        s.sync().unwrap();
+        s.compact(12).unwrap();
+        assert_eq!((s.first_index(), s.last_index()), (13, 20));
+        assert_eq!(s.term(12).unwrap(), entry(12).term);
+        let want: Vec<Vec<u8>> = (13..=20).map(|i| entry(i).data.to_vec()).collect();
+        assert_eq!(data(&s, 13, 21), want);
+        assert!(s
+            .entries(12, 14, None, GetEntriesContext::empty(false))
+            .is_err());
+        // Appends after the cut go on in the new segment.
+        s.append(&[entry(21)]).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let s = WalStorage::open(dir.path()).unwrap();
+        assert_eq!((s.first_index(), s.last_index()), (13, 21));
+        assert_eq!(data(&s, 13, 22)[..8], want[..]);
     }
 }

@@ -216,7 +216,7 @@ impl Wal {
             }
         }
         sync_dir(&self.dir)?;
-        *self = next;
+        super::drop_off_thread(std::mem::replace(self, next));
         Ok(())
     }
 }
