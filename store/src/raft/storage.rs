@@ -292,11 +292,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = 1 + index / 5;
-        e.data = format!("entry {index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term: 1 + index / 5,
+            data: format!("entry {index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     fn data(s: &WalStorage, lo: u64, hi: u64) -> Vec<Vec<u8>> {
