@@ -67,6 +67,9 @@ pub trait StateObserver: Send + Sync {
 /// up without a snapshot (etcd keeps the same number). Never more than the snapshot
 /// count: each truncation rewrites the kept entries.
 const CATCH_UP_ENTRIES: u64 = 5000;
+/// The most log entries reserved in memory up front (about 30 MiB of `Entry`
+/// structs; their data is allocated separately as entries arrive).
+const MAX_RESERVED_ENTRIES: u64 = 1 << 18;
 
 /// How to create the raft log when the WAL does not exist yet.
 #[derive(Clone, Debug)]
@@ -371,6 +374,13 @@ impl RaftNode {
             }));
         }
 
+        // What the log holds between two truncations, and a little room for
+        // truncation to come after a leader change (capped: a huge --snapshot-count
+        // grows the log as it fills).
+        let between_truncations = cfg.snapshot_count + CATCH_UP_ENTRIES.min(cfg.snapshot_count);
+        storage.reserve(
+            (between_truncations + between_truncations / 8).min(MAX_RESERVED_ENTRIES) as usize,
+        );
         let mut raw = RawNode::new(&raft_cfg, storage, &raft_logger())?;
         let single =
             raw.raft.prs().is_singleton() && raw.raft.prs().conf().voters().contains(cfg.id);
