@@ -7,11 +7,12 @@
 #   etcd-server, etcd-client  real etcd 3.4 and etcdctl, for the comparison tests
 #   openssl, curl     the TLS tests make their own CA and certificates; the gateway
 #                     tests speak HTTP with curl
+#   procps            `kill`: the tests stop, pause and resume server processes
 set -euo pipefail
 
 want=(libclang-dev g++ protobuf-compiler)
 if [[ "${1:-}" == "--test" ]]; then
-  want+=(etcd-server etcd-client openssl curl)
+  want+=(etcd-server etcd-client openssl curl procps)
 fi
 
 missing=()

@@ -450,6 +450,25 @@ async fn revoking_takes_effect_for_tokens_and_open_watches() {
     assert_eq!(grpc_status(&e).0, tonic::Code::Unauthenticated);
 }
 
+type AuthClient = pontoon_proto::etcdserverpb::auth_client::AuthClient<tonic::transport::Channel>;
+
+async fn auth_client(m: &Member) -> AuthClient {
+    AuthClient::connect(m.endpoint()).await.unwrap()
+}
+
+/// A token for user `both`, from the raw Auth API (the token itself is what the
+/// replication tests hand to other members).
+async fn authenticate_both(auth: &mut AuthClient) -> String {
+    auth.authenticate(pontoon_proto::etcdserverpb::AuthenticateRequest {
+        name: "both".into(),
+        password: "bothpw".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .token
+}
+
 /// A simple token is assigned through raft: one issued by one member is accepted by
 /// the others, and the auth state is the same on every member.
 #[tokio::test]
@@ -460,20 +479,8 @@ async fn simple_tokens_and_auth_state_are_replicated() {
         .await
         .expect("a leader");
     setup(&cluster.members[0]).await;
-    let mut auth = pontoon_proto::etcdserverpb::auth_client::AuthClient::connect(
-        cluster.members[0].endpoint(),
-    )
-    .await
-    .unwrap();
-    let token = auth
-        .authenticate(pontoon_proto::etcdserverpb::AuthenticateRequest {
-            name: "both".into(),
-            password: "bothpw".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let mut auth = auth_client(&cluster.members[0]).await;
+    let token = authenticate_both(&mut auth).await;
     assert!(
         token.contains('.'),
         "simple token <random>.<index>: {token}"
@@ -530,11 +537,7 @@ async fn a_simple_token_is_accepted_by_a_member_still_catching_up() {
         )
         .await
         .unwrap();
-        let mut auth = pontoon_proto::etcdserverpb::auth_client::AuthClient::connect(
-            cluster.members[leader].endpoint(),
-        )
-        .await
-        .unwrap();
+        let mut auth = auth_client(&cluster.members[leader]).await;
 
         cluster.members[lagging].pause();
         // A backlog the member must receive and apply before it reaches the token.
@@ -549,15 +552,7 @@ async fn a_simple_token_is_accepted_by_a_member_still_catching_up() {
             });
         }
         fill.join_all().await;
-        let token = auth
-            .authenticate(pontoon_proto::etcdserverpb::AuthenticateRequest {
-                name: "both".into(),
-                password: "bothpw".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
+        let token = authenticate_both(&mut auth).await;
         cluster.members[lagging].resume();
 
         let mut put = tonic::Request::new(pontoon_proto::etcdserverpb::PutRequest {

@@ -166,7 +166,9 @@ impl Waiters {
         rx
     }
     fn complete(&self, id: u64, r: Result<ApplyResponse>) {
-        if let Some((tx, proposed)) = self.0.lock().expect("waiters lock").remove(&id) {
+        // Removed under the lock, answered outside it.
+        let waiter = self.0.lock().expect("waiters lock").remove(&id);
+        if let Some((tx, proposed)) = waiter {
             METRICS.proposal_stage(Stage::Applied, proposed.elapsed());
             let _ = tx.send(r);
         }
@@ -596,6 +598,9 @@ impl RaftNode {
     /// Returns once this member has applied the entry at `index` (`Timeout` after the
     /// request timeout).
     pub async fn wait_applied(&self, index: u64) -> Result<()> {
+        if *self.applied.borrow() >= index {
+            return Ok(());
+        }
         let mut applied = self.applied.clone();
         let waited = tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index))
             .await
