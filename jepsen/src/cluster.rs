@@ -228,6 +228,12 @@ impl Node {
     pub fn is_paused(&self) -> bool {
         self.paused
     }
+    /// The last `lines` lines of the member's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
 }
 
 pub struct Cluster {
@@ -291,7 +297,7 @@ impl Cluster {
         for i in 0..n {
             c.spawn(i, "new")?;
         }
-        c.wait_healthy(Duration::from_secs(30)).await?;
+        c.wait_healthy(Duration::from_secs(60)).await?;
         Ok(c)
     }
 
@@ -337,10 +343,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until every running member answers a linearizable read.
+    /// Waits until every running member answers a linearizable read. A member whose
+    /// process has exited, or that is not serving by the deadline, is an error that
+    /// carries the end of its log (the log lives in a temporary directory that is gone
+    /// once the cluster is dropped).
     pub async fn wait_healthy(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
-        for node in self.nodes.iter().filter(|n| n.is_up()) {
+        for node in self.nodes.iter_mut().filter(|n| n.is_up()) {
             loop {
                 let ok = async {
                     let mut c = connect(vec![node.endpoint()], Duration::from_secs(2))
@@ -353,11 +362,22 @@ impl Cluster {
                 if ok {
                     break;
                 }
+                let exited = node
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    anyhow::bail!(
+                        "{} exited ({status}) before serving; its log ends:\n{}",
+                        node.name,
+                        node.log_tail(40)
+                    );
+                }
                 if Instant::now() > deadline {
                     anyhow::bail!(
-                        "{} did not become healthy; log {}",
+                        "{} did not become healthy within {within:?}; its log ends:\n{}",
                         node.name,
-                        node.log.display()
+                        node.log_tail(40)
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
