@@ -11,7 +11,9 @@
 #   single   one member: put at 1, 16 and 256 clients; linearizable and serializable
 #            range at 256; txn compare+put at 64; put and range at 256 clients at a
 #            fixed offered rate (p99 at the same load); 1,000-watcher fan-out; lease
-#            keep-alive at 64 clients; then the server's peak RSS (VmHWM).
+#            keep-alive at 64 clients; then the server's peak RSS (VmHWM). Last, put
+#            at 256 clients against pontoon-grpc-floor (a gRPC server that answers at
+#            once): the CPU the request path alone costs, for "what limits put c256".
 #   cluster  the same matrix against 3 members on loopback, connections spread over
 #            all three (writes go to followers and leader alike); peak RSS per member.
 #   memory   fresh single member each: VmHWM/VmRSS after loading LOAD_KEYS keys
@@ -62,10 +64,12 @@ if [[ -z "${PONTOON_BIN:-}" ]]; then
   cargo build --release -p pontoon --bin pontoon
 fi
 if [[ -z "${BENCH_BIN:-}" ]]; then
-  cargo build --release -p pontoon-bench --bin pontoon-bench
+  cargo build --release -p pontoon-bench --bins
 fi
 PONTOON="${PONTOON_BIN:-$TARGET_DIR/release/pontoon}"
 BENCH="${BENCH_BIN:-$TARGET_DIR/release/pontoon-bench}"
+# The request-path floor: a gRPC server answering KV.Put at once (see its //! note).
+FLOOR="$(dirname "$BENCH")/pontoon-grpc-floor"
 for b in "$PONTOON" "$BENCH"; do
   [[ -x "$b" ]] || { echo "not an executable: $b" >&2; exit 1; }
 done
@@ -197,6 +201,28 @@ matrix() {
   done
 }
 
+# floor: put c256 against pontoon-grpc-floor, the cost of the gRPC stack alone, as
+# target "floor" of the single-member matrix.
+floor() {
+  if [[ ! -x "$FLOOR" ]]; then
+    echo "no $FLOOR: skipping the request-path floor" >&2
+    return
+  fi
+  "$FLOOR" --listen "127.0.0.1:$PORT" 2> "$WORK/floor.log" &
+  SERVER_PIDS=($!)
+  ENDPOINTS="127.0.0.1:$PORT"
+  sleep 1
+  local step name args
+  for step in "${MATRIX_1[@]}"; do
+    name="${step%%|*}"; args="${step#*|}"
+    if [[ "$name" == "put c256" ]]; then
+      # shellcheck disable=SC2086
+      bench single floor "$name" --duration "$SECS" $args
+    fi
+  done
+  stop
+}
+
 memory() {
   local target pid base max rss line
   for target in $TARGETS; do
@@ -239,10 +265,10 @@ memory() {
 }
 
 case "$SCOPE" in
-  single) matrix single 1 ;;
+  single) matrix single 1; floor ;;
   cluster) matrix cluster 3 ;;
   memory) memory ;;
-  all) matrix single 1; matrix cluster 3; memory ;;
+  all) matrix single 1; floor; matrix cluster 3; memory ;;
 esac
 
 STAMP="$(date +%F-%H%M%S)"
@@ -325,6 +351,21 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
                      "connection) talks to the first member only, leader or not.")
     for n in notes:
         print(f"- {n}")
+    e, p, fl = (res(topo, "put c256", t) for t in ("etcd", "pontoon", "floor"))
+    if e and p and fl and e.get("server_cpu_us_per_op"):
+        # The CPU left for the server at twice etcd's rate, with the load generator as
+        # cheap per put as it is against the floor.
+        budget = (os.cpu_count() or 1) * 1e6 / (2 * e["rps"]) - fl["bench_cpu_us_per_op"]
+        print(f"\n**What limits put c256.** A gRPC server that answers `KV.Put` at once "
+              f"(`pontoon-grpc-floor`: tonic/hyper/h2 as in Pontoon; no raft, no storage) served "
+              f"{fl['rps']:.0f} puts/s at {fl['server_cpu_us_per_op']:.1f} µs of server CPU per put "
+              f"(load generator {fl['bench_cpu_us_per_op']:.1f} µs). Pontoon spent "
+              f"{p['server_cpu_us_per_op']:.1f} µs per put, "
+              f"{p['server_cpu_us_per_op'] - fl['server_cpu_us_per_op']:.1f} of them past that floor "
+              f"(raft, WAL, apply, RocksDB, hand-offs between threads); etcd spent "
+              f"{e['server_cpu_us_per_op']:.1f}. On these {os.cpu_count()} cores, shared with the "
+              f"load generator, twice etcd's {e['rps']:.0f} puts/s leaves the server at most "
+              f"{budget:.1f} µs per put: {budget / fl['server_cpu_us_per_op']:.2f}x the floor.")
     rss = by.get((topo, "peak RSS"), {})
     if rss:
         def m(t):
