@@ -108,6 +108,7 @@ impl MvccStore {
     /// already exists) leaves the members as they are: every member reaches the same
     /// decision from the same entry.
     pub fn apply_member_change(&self, index: u64, change: &MemberChange) -> Result<Vec<Member>> {
+        self.flush_round()?;
         let mut batch = WriteBatch::default();
         let meta = self.cf(CF_META);
         match change {

@@ -10,14 +10,16 @@
 //!
 //! Invariants:
 //!
-//! - **Atomic apply.** Each applied raft entry is one RocksDB write batch holding its
-//!   changes and the new applied index, so after a crash the store is exactly the
-//!   state after some entry, and replay resumes at the next one. Batches are written
-//!   with RocksDB's WAL but without fsync, and the WAL is buffered in the process
-//!   (`manual_wal_flush`: no write(2) per batch): the raft log is the durable record,
-//!   and log truncation first flushes and syncs this WAL (see `raft::node`). A crash
-//!   loses a suffix of the buffered WAL at most, and RocksDB recovers a prefix of the
-//!   batches (point-in-time recovery), so the state is still that after some entry.
+//! - **Atomic apply.** Each apply round ([`round`]: consecutive Puts, DeleteRanges and
+//!   Txns of one group of committed entries) and each other applied raft entry is one
+//!   RocksDB write batch holding its changes and the new applied index, so after a
+//!   crash the store is exactly the state after some entry, and replay resumes at the
+//!   next one. Nothing of a round is published before its batch is written. Batches
+//!   are written with RocksDB's WAL but without fsync, and the WAL is buffered in the
+//!   process (`manual_wal_flush`: no write(2) per batch): the raft log is the durable
+//!   record, and log truncation first flushes and syncs this WAL (see `raft::node`). A
+//!   crash loses a suffix of the buffered WAL at most, and RocksDB recovers a prefix of
+//!   the batches (point-in-time recovery), so the state is still that after some entry.
 //! - **One writer.** Only the apply loop writes. Readers take a RocksDB snapshot after
 //!   loading the current revision, so every revision they may read is in it.
 //! - **Compaction is published before it deletes.** The compacted revision is raised in
@@ -37,6 +39,7 @@ pub mod lease;
 pub mod members;
 pub mod range;
 pub mod revision;
+pub mod round;
 pub mod snapshot;
 pub mod span;
 pub mod view;
@@ -119,6 +122,8 @@ pub struct MvccStore {
     auth: RwLock<Arc<AuthState>>,
     /// The apply loop's cache of hot keys (see `mvcc::hot`).
     hot: Mutex<hot::HotKeys>,
+    /// Entries applied but not yet written (see `mvcc::round`); apply loop only.
+    round: Mutex<round::Round>,
 }
 
 pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
@@ -182,6 +187,7 @@ impl MvccStore {
             install_lock: RwLock::new(()),
             auth: RwLock::new(Arc::new(AuthState::default())),
             hot: Mutex::new(hot::HotKeys::default()),
+            round: Mutex::new(round::Round::default()),
         };
         store.resume_install()?;
         store.refresh_alarm_cache()?;
@@ -267,23 +273,116 @@ impl MvccStore {
         self.write_sync(batch)
     }
 
-    /// Applies the write request of raft entry `index`. An `Err` return is not the
+    /// Applies the write request of raft entry `index` and writes it to the engine,
+    /// with the apply round before it if there is one. An `Err` return is not the
     /// request's answer: the store can no longer apply and the member must stop.
     pub fn apply(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
+        let applied = self.apply_batched(index, req)?;
+        self.flush_round()?;
+        Ok(applied)
+    }
+
+    /// [`Self::apply`], except that a Put, DeleteRange or Txn joins the apply round
+    /// ([`round`]) and may stay unwritten and unpublished until [`Self::flush_round`]
+    /// ([`Self::round_pending`] says whether it did). Any other entry writes the round
+    /// first and then itself.
+    pub fn apply_batched(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
         debug_assert!(index > self.applied_index(), "entries apply once, in order");
-        let mut batch = WriteBatch::default();
+        if round::joins_round(req) {
+            return self.apply_in_round(index, req);
+        }
+        self.flush_round()?;
+        self.apply_alone(index, req)
+    }
+
+    /// Whether applied entries wait in the apply round for [`Self::flush_round`].
+    pub fn round_pending(&self) -> bool {
+        !self.round.lock().expect("apply round").is_empty()
+    }
+
+    /// Writes the apply round, then publishes it: the store revision, the applied
+    /// index and the hot-key cache move to the state after its last entry.
+    pub fn flush_round(&self) -> Result<()> {
+        let r = {
+            let mut round = self.round.lock().expect("apply round");
+            if round.is_empty() {
+                return Ok(());
+            }
+            std::mem::take(&mut *round)
+        };
+        let mut batch = r.batch;
+        let meta = self.cf(CF_META);
+        batch.put_cf(meta, META_APPLIED_INDEX, (r.index as i64).to_be_bytes());
+        batch.put_cf(meta, META_CURRENT_REV, r.revision.to_be_bytes());
+        self.write_and_publish(batch, r.index, r.revision, r.hot)
+    }
+
+    /// Why a client's write request is refused before it runs, if it is: no space,
+    /// a corrupt cluster, or no permission.
+    fn refusal(&self, req: &InternalRequest) -> Option<Error> {
         if self.no_space() && grows_store(req.request.as_ref()) {
-            return self.finish(index, batch, None, Err(Error::NoSpace));
+            return Some(Error::NoSpace);
         }
         if self.corrupt() && changes_keys(req.request.as_ref()) {
-            return self.finish(index, batch, None, Err(Error::CorruptCluster));
+            return Some(Error::CorruptCluster);
         }
         // Requests from clients carry a header (who asked); the members' own requests
         // (lease expiry, alarms, auto-compaction) carry none and are not checked.
         if let (Some(op), Some(header)) = (&req.request, &req.header) {
             if let Err(e) = self.check_write(op, &AuthInfo::from(Some(header))) {
-                return self.finish(index, batch, None, Err(e));
+                return Some(e);
             }
+        }
+        None
+    }
+
+    /// Applies a Put, DeleteRange or Txn into the apply round.
+    fn apply_in_round(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
+        let mut guard = self.round.lock().expect("apply round");
+        let round = &mut *guard;
+        if round.is_empty() {
+            round.revision = self.current_revision();
+        }
+        let (response, changes) = if let Some(e) = self.refusal(req) {
+            (Err(e), Vec::new())
+        } else {
+            let mut txn = write::WriteTxn::in_round(self, Some(&round.overlay), round.revision);
+            let outcome = match &req.request {
+                Some(InternalOp::Put(p)) => apply::put(&mut txn, p).map(ApplyResponse::Put),
+                Some(InternalOp::DeleteRange(d)) => {
+                    apply::delete_range(&mut txn, d).map(ApplyResponse::DeleteRange)
+                }
+                Some(InternalOp::Txn(t)) => {
+                    apply::txn(&mut txn, t, self.compact_revision()).map(ApplyResponse::Txn)
+                }
+                _ => unreachable!("only Put, DeleteRange and Txn join a round"),
+            };
+            match outcome {
+                Ok(resp) => {
+                    let committed = txn.commit(&mut round.batch);
+                    round.revision = committed.revision;
+                    round.absorb(&committed.changes, committed.hot);
+                    (Ok(resp), committed.changes)
+                }
+                Err(e) if e.is_deterministic() => (Err(e), Vec::new()),
+                Err(e) => return Err(e),
+            }
+        };
+        round.entries += 1;
+        round.index = index;
+        let full = round.is_full();
+        drop(guard);
+        if full {
+            self.flush_round()?;
+        }
+        Ok(Applied { response, changes })
+    }
+
+    /// Applies an entry that does not join apply rounds; the round is written.
+    fn apply_alone(&self, index: u64, req: &InternalRequest) -> Result<Applied> {
+        let mut batch = WriteBatch::default();
+        if let Some(e) = self.refusal(req) {
+            return self.finish(index, batch, None, Err(e));
         }
         if let Some(op) = &req.request {
             if let Some(result) = self.apply_auth(index, op, &mut batch) {
@@ -299,13 +398,12 @@ impl MvccStore {
             }
         }
         let mut txn = write::WriteTxn::new(self);
-        let compacted = self.compact_revision();
         let outcome = match &req.request {
-            Some(InternalOp::Put(p)) => apply::put(&mut txn, p).map(ApplyResponse::Put),
-            Some(InternalOp::DeleteRange(d)) => {
-                apply::delete_range(&mut txn, d).map(ApplyResponse::DeleteRange)
+            Some(InternalOp::Put(_))
+            | Some(InternalOp::DeleteRange(_))
+            | Some(InternalOp::Txn(_)) => {
+                unreachable!("Put, DeleteRange and Txn join apply rounds")
             }
-            Some(InternalOp::Txn(t)) => apply::txn(&mut txn, t, compacted).map(ApplyResponse::Txn),
             Some(InternalOp::LeaseRevoke(r)) => self
                 .apply_lease_revoke(&mut txn, r.id)
                 .map(ApplyResponse::LeaseRevoke),
@@ -375,15 +473,23 @@ impl MvccStore {
     }
 
     /// Records that entry `index` was applied without changing the key space (empty
-    /// entries, membership changes). Persisted with the next write batch.
+    /// entries, membership changes). Persisted with the next write batch; published
+    /// with the apply round if one is pending.
     pub fn apply_noop(&self, index: u64) {
-        self.applied.store(index, Ordering::Release);
+        let mut round = self.round.lock().expect("apply round");
+        if round.is_empty() {
+            self.applied.store(index, Ordering::Release);
+        } else {
+            round.entries += 1;
+            round.index = index;
+        }
     }
 
     /// Writes the applied index to the engine and syncs the engine's WAL, so the state
     /// machine is durable up to [`Self::applied_index`]. Called before the raft log is
     /// truncated.
     pub fn sync(&self) -> Result<()> {
+        self.flush_round()?;
         let mut batch = WriteBatch::default();
         batch.put_cf(
             self.cf(CF_META),
@@ -412,6 +518,19 @@ impl MvccStore {
         let meta = self.cf(CF_META);
         batch.put_cf(meta, META_APPLIED_INDEX, (index as i64).to_be_bytes());
         batch.put_cf(meta, META_CURRENT_REV, rev.to_be_bytes());
+        self.write_and_publish(batch, index, rev, hot)?;
+        Ok(Applied { response, changes })
+    }
+
+    /// Writes a batch that leaves the store at revision `rev` after entry `index`,
+    /// then publishes that state: the hot-key cache, the revision and the index.
+    fn write_and_publish(
+        &self,
+        batch: WriteBatch,
+        index: u64,
+        rev: i64,
+        hot: Vec<(Vec<u8>, Option<hot::HotKey>)>,
+    ) -> Result<()> {
         let started = std::time::Instant::now();
         if let Err(e) = self.db.write(batch) {
             // The cache must not run ahead of the engine.
@@ -429,7 +548,7 @@ impl MvccStore {
             .observe(started.elapsed());
         self.current.store(rev, Ordering::Release);
         self.applied.store(index, Ordering::Release);
-        Ok(Applied { response, changes })
+        Ok(())
     }
 
     /// Compacts the history at revision `at`. Work is proportional to the number of

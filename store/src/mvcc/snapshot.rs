@@ -156,6 +156,7 @@ impl MvccStore {
     /// `raft_meta` is stored with it, opaque, for the raft layer to read back.
     pub fn install_snapshot(&self, path: &Path, raft_meta: &[u8]) -> Result<()> {
         verify_snapshot(path)?;
+        self.flush_round()?;
         let mut marker = Vec::new();
         let p = path.to_string_lossy();
         marker.extend_from_slice(&(p.len() as u32).to_be_bytes());

@@ -401,102 +401,255 @@ fn state_survives_reopen() {
     assert_eq!(r.count, 2);
 }
 
-/// The hot-key cache changes no answer: the same random mix of puts (with and without
-/// `ignore_value`, onto and off leases), deletes, multi-key Txns that write a key twice,
-/// lease revokes and compactions, applied to a store whose cache is emptied before every
-/// entry (so every read goes to RocksDB), gives identical responses and identical
-/// column families.
-#[test]
-fn hot_key_cache_gives_the_engines_answers() {
-    let mut cached = Harness::new();
-    let mut cold = Harness::new();
-    let mut seed = 7u64;
-    let mut next = |n: u64| {
-        seed = seed
+/// A small deterministic generator for the randomized tests.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        (seed >> 33) % n
-    };
+        (self.0 >> 33) % n
+    }
+}
+
+/// A random write entry over 12 keys: puts (values, `ignore_value`, onto and off
+/// leases 100 and 200), single and ranged deletes, multi-key Txns that write a key
+/// twice and read it, lease revokes and compactions (`compacted` is the last compaction
+/// revision asked for; `current` the store's revision).
+fn random_op(rng: &mut Lcg, i: usize, current: i64, compacted: &mut i64) -> Op {
+    let key = format!("k{}", rng.next(12));
+    match rng.next(20) {
+        0..=9 => Op::Put(PutRequest {
+            key: key.into(),
+            value: format!("v{i}").into(),
+            prev_kv: rng.next(2) == 0,
+            lease: [0, 0, 100, 200][rng.next(4) as usize],
+            ..Default::default()
+        }),
+        10 => Op::Put(PutRequest {
+            key: key.into(),
+            ignore_value: true,
+            prev_kv: true,
+            ..Default::default()
+        }),
+        11..=13 => Op::DeleteRange(DeleteRangeRequest {
+            key: key.into(),
+            range_end: if rng.next(3) == 0 {
+                b"k5".to_vec()
+            } else {
+                Vec::new()
+            },
+            prev_kv: true,
+        }),
+        14..=17 => Op::Txn(TxnRequest {
+            compare: vec![cmp(
+                &key,
+                CompareTarget::Version,
+                CompareResult::Greater,
+                TargetUnion::Version(1),
+            )],
+            success: vec![put_op(&key, "t1"), get_op(&key), put_op(&key, "t2")],
+            failure: vec![
+                put_op(&key, "f1"),
+                put_op("k0", "f2"),
+                // All keys as of a few revisions back: a read of history the
+                // preceding entries may have just written.
+                RequestOp {
+                    request: Some(Request::RequestRange(RangeRequest {
+                        key: b"k".to_vec(),
+                        range_end: b"l".to_vec(),
+                        revision: (current - rng.next(4) as i64).max(*compacted).max(1),
+                        ..Default::default()
+                    })),
+                },
+            ],
+        }),
+        18 => Op::LeaseRevoke(LeaseRevokeRequest {
+            id: [100, 200][rng.next(2) as usize],
+        }),
+        _ => {
+            *compacted = (*compacted + 1).max(current - rng.next(20) as i64);
+            Op::Compaction(CompactionRequest {
+                revision: (*compacted).min(current),
+                physical: true,
+            })
+        }
+    }
+}
+
+fn grant_leases(hs: &mut [&mut Harness]) {
     for lease in [100, 200] {
-        for h in [&mut cached, &mut cold] {
+        for h in hs.iter_mut() {
             h.apply(Op::LeaseGrant(LeaseGrantRequest { id: lease, ttl: 60 }))
                 .unwrap();
         }
     }
-    let mut compacted = 0;
-    for i in 0..3000 {
-        let key = format!("k{}", next(12));
-        let op = match next(20) {
-            0..=9 => Op::Put(PutRequest {
-                key: key.into(),
-                value: format!("v{i}").into(),
-                prev_kv: next(2) == 0,
-                lease: [0, 0, 100, 200][next(4) as usize],
-                ..Default::default()
-            }),
-            10 => Op::Put(PutRequest {
-                key: key.into(),
-                ignore_value: true,
-                prev_kv: true,
-                ..Default::default()
-            }),
-            11..=13 => Op::DeleteRange(DeleteRangeRequest {
-                key: key.into(),
-                range_end: if next(3) == 0 {
-                    b"k5".to_vec()
-                } else {
-                    Vec::new()
-                },
-                prev_kv: true,
-            }),
-            14..=17 => Op::Txn(TxnRequest {
-                compare: vec![cmp(
-                    &key,
-                    CompareTarget::Version,
-                    CompareResult::Greater,
-                    TargetUnion::Version(1),
-                )],
-                success: vec![put_op(&key, "t1"), get_op(&key), put_op(&key, "t2")],
-                failure: vec![put_op(&key, "f1"), put_op("k0", "f2")],
-            }),
-            18 => Op::LeaseRevoke(LeaseRevokeRequest {
-                id: [100, 200][next(2) as usize],
-            }),
-            _ => {
-                let current = cold.store.current_revision();
-                compacted = (compacted + 1).max(current - next(20) as i64);
-                Op::Compaction(CompactionRequest {
-                    revision: compacted.min(current),
-                    physical: true,
-                })
-            }
-        };
-        cold.store.hot().clear();
-        let a = cached.apply(op.clone());
-        let b = cold.apply(op.clone());
-        assert_eq!(format!("{a:?}"), format!("{b:?}"), "entry {i}: {op:?}");
-    }
-    assert!(!cached.store.hot().is_empty(), "the cache was used");
-    let all = |h: &Harness| {
-        h.range(RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            ..Default::default()
-        })
-        .unwrap()
-        .kvs
-    };
-    assert_eq!(all(&cached), all(&cold));
-    // And the same bytes underneath: no stale index (say, one the compaction trimmed)
-    // was written back from the cache.
-    for cf in [CF_INDEX, CF_REV, CF_LEASE] {
-        let raw = |h: &Harness| -> Vec<_> {
+}
+
+fn all_keys(h: &Harness) -> Vec<KeyValue> {
+    h.range(RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    })
+    .unwrap()
+    .kvs
+}
+
+/// One column family's records, raw.
+type RawCf = Vec<(Box<[u8]>, Box<[u8]>)>;
+
+/// Every record of the given column families.
+fn raw_cfs(h: &Harness, cfs: &[&str]) -> Vec<RawCf> {
+    cfs.iter()
+        .map(|cf| {
             h.store
                 .db
                 .iterator_cf(h.store.cf(cf), rocksdb::IteratorMode::Start)
                 .map(|kv| kv.unwrap())
                 .collect()
-        };
-        assert_eq!(raw(&cached), raw(&cold), "column family {cf}");
+        })
+        .collect()
+}
+
+/// The hot-key cache changes no answer: the same random mix ([`random_op`]) applied to
+/// a store whose cache is emptied before every entry (so every read goes to RocksDB)
+/// gives identical responses and identical column families.
+#[test]
+fn hot_key_cache_gives_the_engines_answers() {
+    let mut cached = Harness::new();
+    let mut cold = Harness::new();
+    let mut rng = Lcg(7);
+    grant_leases(&mut [&mut cached, &mut cold]);
+    let mut compacted = 0;
+    let mut used = 0;
+    for i in 0..3000 {
+        let op = random_op(&mut rng, i, cold.store.current_revision(), &mut compacted);
+        cold.store.hot().clear();
+        let a = cached.apply(op.clone());
+        let b = cold.apply(op.clone());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "entry {i}: {op:?}");
+        used = used.max(cached.store.hot().len());
     }
+    assert!(used > 5, "the cache was used: at most {used} keys");
+    assert_eq!(all_keys(&cached), all_keys(&cold));
+    // And the same bytes underneath: no stale index (say, one the compaction trimmed)
+    // was written back from the cache.
+    let cfs = [CF_INDEX, CF_REV, CF_LEASE];
+    assert_eq!(raw_cfs(&cached, &cfs), raw_cfs(&cold, &cfs));
+}
+
+/// The same mix applied in apply rounds of random length (`apply_batched`, then
+/// `flush_round`; lease revokes and compactions write the round before them) gives
+/// each entry the answer and the changes it gets when applied alone, and the same
+/// bytes in every column family. Until a round is written nothing of it is visible:
+/// not the revision, not the applied index, not a key.
+#[test]
+fn apply_rounds_give_the_answers_of_entries_applied_one_by_one() {
+    let mut rounds = Harness::new();
+    let mut alone = Harness::new();
+    let mut rng = Lcg(11);
+    grant_leases(&mut [&mut rounds, &mut alone]);
+    let mut compacted = 0;
+    let mut pending = 0;
+    let (mut seen_rev, mut seen_index, mut seen_keys) = (0, 0, Vec::new());
+    let mut longest = 0;
+    for i in 0..3000 {
+        let op = random_op(&mut rng, i, alone.store.current_revision(), &mut compacted);
+        if pending == 0 {
+            seen_rev = rounds.store.current_revision();
+            seen_index = rounds.store.applied_index();
+            seen_keys = all_keys(&rounds);
+        }
+        let b = alone.apply(op.clone());
+        rounds.index += 1;
+        let req = InternalRequest {
+            id: rounds.index,
+            request: Some(op.clone()),
+            header: None,
+        };
+        let a = rounds.store.apply_batched(rounds.index, &req).unwrap();
+        assert_eq!(
+            format!("{:?}", a.response),
+            format!("{b:?}"),
+            "entry {i}: {op:?}"
+        );
+        if rounds.store.round_pending() {
+            pending += 1;
+            longest = longest.max(pending);
+            assert_eq!(rounds.store.current_revision(), seen_rev, "entry {i}");
+            assert_eq!(rounds.store.applied_index(), seen_index, "entry {i}");
+            if rng.next(8) == 0 {
+                assert_eq!(all_keys(&rounds), seen_keys, "entry {i}: published early");
+            }
+            if rng.next(30) == 0 {
+                rounds.store.flush_round().unwrap();
+                pending = 0;
+            }
+        } else {
+            pending = 0;
+        }
+        if pending == 0 {
+            assert_eq!(
+                rounds.store.current_revision(),
+                alone.store.current_revision()
+            );
+            assert_eq!(rounds.store.applied_index(), alone.store.applied_index());
+        }
+    }
+    rounds.store.flush_round().unwrap();
+    assert!(
+        longest >= 10,
+        "rounds of many entries were tried: {longest}"
+    );
+    assert_eq!(all_keys(&rounds), all_keys(&alone));
+    let cfs = [CF_INDEX, CF_REV, CF_LEASE, CF_META];
+    assert_eq!(raw_cfs(&rounds, &cfs), raw_cfs(&alone, &cfs));
+}
+
+/// A round that was not written is not in the engine after a restart: the store
+/// reopens at the last written entry, and the applied index says replay starts after
+/// it.
+#[test]
+fn an_unwritten_round_is_replayed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |k: &str| InternalRequest {
+        id: 0,
+        request: Some(Op::Put(PutRequest {
+            key: k.into(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })),
+        header: None,
+    };
+    {
+        let store = MvccStore::open(dir.path()).unwrap();
+        store.apply(1, &put("a")).unwrap();
+        store.apply_batched(2, &put("b")).unwrap();
+        store.apply_batched(3, &put("c")).unwrap();
+        assert!(store.round_pending());
+        // Dropped as a crash would leave it: the round never reached the engine.
+    }
+    let store = MvccStore::open(dir.path()).unwrap();
+    assert_eq!(store.applied_index(), 1);
+    assert_eq!(store.current_revision(), 2);
+    let all = store
+        .range(&RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(keys(&all), ["a"]);
+    // Replay from the raft log gives the same revisions as the first time.
+    store.apply_batched(2, &put("b")).unwrap();
+    let c = store.apply_batched(3, &put("c")).unwrap();
+    store.flush_round().unwrap();
+    match c.response {
+        Ok(ApplyResponse::Put(p)) => assert_eq!(p.header.unwrap().revision, 4),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.applied_index(), 3);
 }

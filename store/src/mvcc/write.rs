@@ -8,8 +8,9 @@
 //!
 //! Only the apply loop creates write transactions, one at a time: it is the store's
 //! single writer, so reading RocksDB directly (without a snapshot) is consistent here,
-//! and so is reading its cache of hot keys ([`super::hot`]), which a key's index and
-//! current value come from first.
+//! and so is reading its cache of hot keys ([`super::hot`]). A transaction in an apply
+//! round ([`super::round`]) reads, in order: its own overlay, the round's (what the
+//! round's earlier entries wrote, not yet in the engine), the hot-key cache, the engine.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,6 +22,7 @@ use super::hot::HotKey;
 use super::key_index::KeyIndex;
 use super::lease::attachment_key;
 use super::revision::Revision;
+use super::round::Overlay;
 use super::span::KeySpan;
 use super::view::{get_kv_db, scan_index_db, ReadView};
 use super::{encode_record, MvccStore, CF_INDEX, CF_LEASE, CF_REV};
@@ -40,6 +42,8 @@ pub struct Change {
 
 pub struct WriteTxn<'a> {
     store: &'a MvccStore,
+    /// The writes of the apply round this transaction belongs to, if any.
+    round: Option<&'a Overlay>,
     begin: i64,
     changes: Vec<Change>,
     index: BTreeMap<Vec<u8>, KeyIndex>,
@@ -50,10 +54,18 @@ pub struct WriteTxn<'a> {
 }
 
 impl<'a> WriteTxn<'a> {
+    /// A transaction applied alone: the engine holds everything before it.
     pub fn new(store: &'a MvccStore) -> Self {
+        Self::in_round(store, None, store.current_revision())
+    }
+
+    /// A transaction after the writes in `round`, which leave the store at revision
+    /// `begin`.
+    pub fn in_round(store: &'a MvccStore, round: Option<&'a Overlay>, begin: i64) -> Self {
         WriteTxn {
             store,
-            begin: store.current_revision(),
+            round,
+            begin,
             changes: Vec::new(),
             index: BTreeMap::new(),
             kvs: HashMap::new(),
@@ -84,6 +96,9 @@ impl<'a> WriteTxn<'a> {
     /// the engine.
     fn value(&self, key: &[u8], rev: Revision) -> Result<KeyValue> {
         if let Some(kv) = self.kvs.get(&rev) {
+            return Ok(kv.clone());
+        }
+        if let Some(kv) = self.round.and_then(|r| r.kvs.get(&rev)) {
             return Ok(kv.clone());
         }
         if let Some(kv) = self.store.hot().value(key, rev) {
@@ -271,18 +286,21 @@ impl ReadView for WriteTxn<'_> {
         span: &KeySpan,
         f: &mut dyn FnMut(&[u8], &KeyIndex) -> Result<bool>,
     ) -> Result<()> {
-        if self.index.is_empty() {
+        let round = self.round.map(|r| &r.index).filter(|i| !i.is_empty());
+        if self.index.is_empty() && round.is_none() {
             return scan_index_db(self.store, ReadOptions::default(), span, f);
         }
-        // Merge the engine's keys with the overlay's, the overlay winning.
+        // Merge the engine's keys with the overlays', the newest writer winning.
         let mut merged: BTreeMap<Vec<u8>, KeyIndex> = BTreeMap::new();
         scan_index_db(self.store, ReadOptions::default(), span, &mut |k, ki| {
             merged.insert(k.to_vec(), ki.clone());
             Ok(true)
         })?;
-        for (k, ki) in &self.index {
-            if span.contains(k) {
-                merged.insert(k.clone(), ki.clone());
+        for overlay in round.into_iter().chain([&self.index]) {
+            for (k, ki) in overlay {
+                if span.contains(k) {
+                    merged.insert(k.clone(), ki.clone());
+                }
             }
         }
         for (k, ki) in &merged {
@@ -297,6 +315,9 @@ impl ReadView for WriteTxn<'_> {
         if let Some(ki) = self.index.get(key) {
             return Ok(Some(ki.clone()));
         }
+        if let Some(ki) = self.round.and_then(|r| r.index.get(key)) {
+            return Ok(Some(ki.clone()));
+        }
         if let Some(ki) = self.store.hot().index(key) {
             return Ok(Some(ki.clone()));
         }
@@ -308,6 +329,9 @@ impl ReadView for WriteTxn<'_> {
 
     fn get_kv(&self, rev: Revision) -> Result<KeyValue> {
         if let Some(kv) = self.kvs.get(&rev) {
+            return Ok(kv.clone());
+        }
+        if let Some(kv) = self.round.and_then(|r| r.kvs.get(&rev)) {
             return Ok(kv.clone());
         }
         get_kv_db(self.store, &ReadOptions::default(), rev)

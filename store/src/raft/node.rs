@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{Stage, METRICS};
 use crate::mvcc::members::decode_member;
 use crate::mvcc::snapshot::SnapshotFile;
-use crate::mvcc::{ApplyResponse, Change, MemberChange, MvccStore};
+use crate::mvcc::{Applied, ApplyResponse, Change, MemberChange, MvccStore};
 
 /// What the apply loop tells the rest of the member. Called on the apply thread, in
 /// log order; implementations must not block.
@@ -462,6 +462,7 @@ impl RaftNode {
             applied_tx,
             snapshot_count: cfg.snapshot_count.max(1),
             last_durable: applied,
+            held: Vec::new(),
         };
         let apply_thread = std::thread::Builder::new()
             .name("apply".into())
@@ -1105,6 +1106,9 @@ struct Applier {
     applied_tx: watch::Sender<u64>,
     snapshot_count: u64,
     last_durable: u64,
+    /// Applied entries of the apply round not yet written (see `mvcc::round`): their
+    /// answers and watch events wait until the round is in the engine.
+    held: Vec<(u64, Applied)>,
 }
 
 impl Applier {
@@ -1117,6 +1121,7 @@ impl Applier {
                         self.apply_one(&e, rejected.contains(&e.index))?;
                         last = Some(e.index);
                     }
+                    self.end_round()?;
                     if let Some(index) = last {
                         self.applied(index)?;
                     }
@@ -1159,7 +1164,31 @@ impl Applier {
         Ok(())
     }
 
-    fn apply_one(&self, e: &Entry, rejected: bool) -> Result<()> {
+    /// Writes the apply round, then answers its entries.
+    fn end_round(&mut self) -> Result<()> {
+        self.mvcc.flush_round()?;
+        self.deliver();
+        Ok(())
+    }
+
+    /// Hands the held entries' changes to watchers and their answers to the callers,
+    /// in apply order. Only once they are written.
+    fn deliver(&mut self) {
+        for (id, applied) in self.held.drain(..) {
+            // Watchers first: a client that sees the response may start watching at once.
+            if !applied.changes.is_empty() {
+                self.observer.on_changes(applied.changes);
+            }
+            match &applied.response {
+                Ok(ApplyResponse::Members(m)) => self.observer.on_members(m),
+                Ok(ApplyResponse::Auth(effect)) => self.observer.on_token(effect),
+                _ => {}
+            }
+            self.waiters.complete(id, applied.response);
+        }
+    }
+
+    fn apply_one(&mut self, e: &Entry, rejected: bool) -> Result<()> {
         if e.index <= self.mvcc.applied_index() {
             return Ok(()); // Already applied before a restart.
         }
@@ -1167,7 +1196,10 @@ impl Applier {
             .proposals_applied
             .fetch_add(1, Ordering::Relaxed);
         match e.get_entry_type() {
-            EntryType::EntryConfChange => return self.apply_conf_change(e, rejected),
+            EntryType::EntryConfChange => {
+                self.end_round()?;
+                return self.apply_conf_change(e, rejected);
+            }
             EntryType::EntryConfChangeV2 => {
                 self.mvcc.apply_noop(e.index);
                 return Ok(());
@@ -1180,17 +1212,12 @@ impl Applier {
         }
         let req = InternalRequest::decode(&e.data[..])
             .map_err(|err| Error::Corrupt(format!("entry {}: {err}", e.index)))?;
-        let applied = self.mvcc.apply(e.index, &req)?;
-        // Watchers first: a client that sees the response may start watching at once.
-        if !applied.changes.is_empty() {
-            self.observer.on_changes(applied.changes);
+        let applied = self.mvcc.apply_batched(e.index, &req)?;
+        self.held.push((req.id, applied));
+        if !self.mvcc.round_pending() {
+            // Written: this entry alone, or a round that reached its bounds.
+            self.deliver();
         }
-        match &applied.response {
-            Ok(ApplyResponse::Members(m)) => self.observer.on_members(m),
-            Ok(ApplyResponse::Auth(effect)) => self.observer.on_token(effect),
-            _ => {}
-        }
-        self.waiters.complete(req.id, applied.response);
         Ok(())
     }
 
