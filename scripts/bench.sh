@@ -11,7 +11,8 @@
 #   single   one member: put at 1, 16 and 256 clients; linearizable and serializable
 #            range at 256; txn compare+put at 64; put and range at 256 clients at a
 #            fixed offered rate (p99 at the same load); 1,000-watcher fan-out; lease
-#            keep-alive at 64 clients; then the server's peak RSS (VmHWM). Last, put
+#            keep-alive at 64 clients; put to one key at 64 clients (a hot key whose
+#            history grows: no compaction); then the server's peak RSS (VmHWM). Last, put
 #            at 256 clients against pontoon-grpc-floor (a gRPC server that answers at
 #            once): the CPU the request path alone costs, for "what limits put c256".
 #   cluster  the same matrix against 3 members on loopback, connections spread over
@@ -101,6 +102,7 @@ MATRIX_1=(
   "range c256 @$RANGE_RATE/s|--workload range --clients 256 --conns 16 --key-space $KEY_SPACE --rate $RANGE_RATE"
   "watch w$WATCHERS|--workload watch --watchers $WATCHERS --conns 10 --streams 10 --clients 16 --rate $WATCH_RATE"
   "lease-keepalive c64|--workload lease-keepalive --clients 64 --conns 8"
+  "put one key c64|--workload put --clients 64 --conns 8 --key-space 1"
 )
 MATRIX_3=(
   "put c1|--workload put --clients 1 --conns 1"
@@ -113,6 +115,7 @@ MATRIX_3=(
   "range c256 @$RANGE_RATE/s|--workload range --clients 256 --conns 18 --key-space $KEY_SPACE --rate $RANGE_RATE"
   "watch w$WATCHERS|--workload watch --watchers $WATCHERS --conns 12 --streams 12 --clients 18 --rate $WATCH_RATE"
   "lease-keepalive c64|--workload lease-keepalive --clients 64 --conns 9"
+  "put one key c64|--workload put --clients 64 --conns 9 --key-space 1"
 )
 
 # start TARGET MEMBERS: starts a fresh cluster; sets SERVER_PIDS and ENDPOINTS.
