@@ -660,7 +660,7 @@ async fn a_diverged_member_raises_the_corrupt_alarm() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             &path,
-            ["rev", "index", "meta", "lease"],
+            ["rev", "index", "meta", "lease", "key_history"],
         )
         .unwrap();
         let rev = db.cf_handle("rev").unwrap();

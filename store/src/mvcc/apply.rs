@@ -251,7 +251,7 @@ fn compare(view: &dyn ReadView, at: i64, c: &Compare) -> Result<bool> {
     let span = KeySpan::new(&c.key, &c.range_end);
     let mut kvs: Vec<KeyValue> = Vec::new();
     let mut err = None;
-    view.scan_index(&span, &mut |_k, ki| {
+    view.scan_index(&span, at, &mut |_k, ki| {
         if let Some(rev) = ki.visible_at(at) {
             match view.get_kv(rev) {
                 Ok(kv) => kvs.push(kv),

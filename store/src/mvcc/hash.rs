@@ -11,7 +11,7 @@ use rocksdb::ReadOptions;
 
 use super::revision::Revision;
 use super::snapshot::LOCAL_META_KEYS;
-use super::{MvccStore, CF_INDEX, CF_LEASE, CF_META, CF_REV};
+use super::{MvccStore, CF_META, CF_REV, COLUMN_FAMILIES};
 use crate::error::{Error, Result};
 
 impl MvccStore {
@@ -46,7 +46,7 @@ impl MvccStore {
     pub fn hash_all(&self) -> Result<u32> {
         let snap = self.db.snapshot();
         let mut h = crc32fast::Hasher::new();
-        for name in [CF_REV, CF_INDEX, CF_META, CF_LEASE] {
+        for name in COLUMN_FAMILIES {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
             let mut it = self.db.raw_iterator_cf_opt(self.cf(name), opts);
@@ -69,7 +69,7 @@ impl MvccStore {
     pub fn db_size(&self) -> (i64, i64) {
         let mut total = 0u64;
         let mut live = 0u64;
-        for name in [CF_REV, CF_INDEX, CF_META, CF_LEASE] {
+        for name in COLUMN_FAMILIES {
             let cf = self.cf(name);
             let prop = |p: &str| {
                 self.db
@@ -88,7 +88,7 @@ impl MvccStore {
     /// Online defragmentation: a full RocksDB compaction of every column family.
     /// Reads and writes continue meanwhile (etcd's defrag stops the world).
     pub fn defragment(&self) {
-        for name in [CF_REV, CF_INDEX, CF_META, CF_LEASE] {
+        for name in COLUMN_FAMILIES {
             self.db
                 .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
         }

@@ -53,10 +53,8 @@ impl MvccStore {
         }
         it.status()?;
         if with_prev {
-            let mut ro = ReadOptions::default();
-            ro.set_snapshot(&snap);
             for c in &mut changes {
-                c.prev = self.prev_kv(&ro, &c.kv.key, c.rev)?;
+                c.prev = self.prev_kv(&snap, &c.kv.key, c.rev)?;
             }
         }
         Ok((changes, covered))
@@ -65,17 +63,26 @@ impl MvccStore {
     /// The key's value just before revision `rev`, if it existed then.
     fn prev_kv(
         &self,
-        ro: &ReadOptions,
+        snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
         key: &[u8],
         rev: Revision,
     ) -> Result<Option<pontoon_proto::mvccpb::KeyValue>> {
-        let Some(raw) = self.db.get_pinned_cf_opt(self.cf(CF_INDEX), key, ro)? else {
+        let ro = || {
+            let mut o = ReadOptions::default();
+            o.set_snapshot(snap);
+            o
+        };
+        let Some(raw) = self.db.get_pinned_cf_opt(self.cf(CF_INDEX), key, &ro())? else {
             return Ok(None);
         };
-        let ki = KeyIndex::decode(&raw)?;
+        let mut ki = KeyIndex::decode(&raw)?;
+        drop(raw);
+        if ki.has_older() && ki.changes().first().is_none_or(|c| c.rev >= rev) {
+            ki = super::view::load_older(self, ro(), key, ki)?;
+        }
         let before = ki.changes().iter().take_while(|c| c.rev < rev).last();
         match before {
-            Some(c) if !c.tombstone => Ok(Some(get_kv_db(self, ro, c.rev)?)),
+            Some(c) if !c.tombstone => Ok(Some(get_kv_db(self, &ro(), c.rev)?)),
             _ => Ok(None),
         }
     }

@@ -5,7 +5,10 @@
 //! - `rev`: [`Revision`] (16 bytes, big-endian) -> one flag byte (0 put, 1 tombstone)
 //!   and the protobuf `mvccpb.KeyValue`. Both the value store and the history that
 //!   reads at old revisions and watchers catch up from.
-//! - `index`: raw user key -> [`KeyIndex`], the key's changes. Range scans iterate it.
+//! - `index`: raw user key -> [`KeyIndex`], the key's changes (the newest, for a key
+//!   with a long history). Range scans iterate it.
+//! - `key_history`: the older changes of keys with long histories, in chunks (see
+//!   [`key_index`], "Bounded records").
 //! - `meta`: applied raft index, current and compacted revision, member identity.
 //!
 //! Invariants:
@@ -74,6 +77,10 @@ pub(crate) const CF_REV: &str = "rev";
 pub(crate) const CF_INDEX: &str = "index";
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_LEASE: &str = "lease";
+/// Older changes of keys with long histories (see `mvcc::key_index`).
+pub(crate) const CF_HISTORY: &str = "key_history";
+/// Every column family of the store.
+pub(crate) const COLUMN_FAMILIES: [&str; 5] = [CF_REV, CF_INDEX, CF_META, CF_LEASE, CF_HISTORY];
 
 const META_APPLIED_INDEX: &[u8] = b"applied_index";
 const META_CURRENT_REV: &[u8] = b"current_revision";
@@ -166,7 +173,7 @@ impl MvccStore {
         opts.set_manual_wal_flush(true);
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = [CF_REV, CF_INDEX, CF_META, CF_LEASE].map(|name| {
+        let cfs = COLUMN_FAMILIES.map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(name, o)
@@ -361,6 +368,9 @@ impl MvccStore {
                 Ok(resp) => {
                     let committed = txn.commit(&mut round.batch);
                     round.revision = committed.revision;
+                    // Chunks sealed in the batch must be in the engine before a later
+                    // entry reads back that far.
+                    round.incomplete |= committed.sealed;
                     round.absorb(&committed.changes, committed.hot);
                     (Ok(resp), committed.changes)
                 }
@@ -585,14 +595,36 @@ impl MvccStore {
             let Some(raw) = self.db.get_pinned_cf(index_cf, &key)? else {
                 continue;
             };
-            let mut ki = KeyIndex::decode(&raw)?;
+            let head = KeyIndex::decode(&raw)?;
+            drop(raw);
+            // The whole history: the records of sealed changes go too. The chunks are
+            // rewritten from what is left.
+            let sealed = head.has_older();
+            let mut ki = view::load_older(self, rocksdb::ReadOptions::default(), &key, head)?;
             for rev in ki.compact(at) {
                 batch.delete_cf(rev_cf, rev.encode());
+            }
+            if sealed {
+                batch.delete_range_cf(
+                    self.cf(CF_HISTORY),
+                    key_index::history_prefix(&key),
+                    key_index::history_end(&key),
+                );
             }
             if ki.is_empty() {
                 batch.delete_cf(index_cf, &key);
             } else {
-                batch.put_cf(index_cf, &key, ki.encode());
+                let (head, chunks) = ki.split_for_storage();
+                for chunk in &chunks {
+                    let mut value = Vec::new();
+                    key_index::encode_changes(chunk, &mut value);
+                    batch.put_cf(
+                        self.cf(CF_HISTORY),
+                        key_index::history_key(&key, chunk[0].rev),
+                        value,
+                    );
+                }
+                batch.put_cf(index_cf, &key, head.encode());
             }
         }
         batch.put_cf(self.cf(CF_META), META_COMPACT_REV, at.to_be_bytes());

@@ -82,7 +82,7 @@ pub fn range_capped(
     let span = KeySpan::new(&req.key, &req.range_end);
     let mut count: i64 = 0;
     let mut revs = Vec::new();
-    view.scan_index(&span, &mut |_key, ki| {
+    view.scan_index(&span, rev, &mut |_key, ki| {
         if let Some(r) = ki.visible_at(rev) {
             count += 1;
             if revs.len() < fetch {

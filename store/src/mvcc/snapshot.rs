@@ -32,12 +32,14 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{ReadOptions, WriteBatch};
 
-use super::{get_i64, MvccStore, CF_INDEX, CF_LEASE, CF_META, CF_REV, META_APPLIED_INDEX};
+use super::{
+    get_i64, MvccStore, CF_HISTORY, CF_INDEX, CF_LEASE, CF_META, CF_REV, META_APPLIED_INDEX,
+};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"PNTNSNAP";
 const VERSION: u32 = 1;
-const CFS: [&str; 4] = [CF_REV, CF_INDEX, CF_META, CF_LEASE];
+const CFS: [&str; 5] = [CF_REV, CF_INDEX, CF_META, CF_LEASE, CF_HISTORY];
 /// `meta` keys that belong to this member, not to the replicated state.
 pub(crate) const LOCAL_META_KEYS: [&[u8]; 3] =
     [b"member_id", META_SNAPSHOT_INSTALL, META_RAFT_SNAPSHOT];

@@ -469,6 +469,14 @@ fn random_op(rng: &mut Lcg, i: usize, current: i64, compacted: &mut i64) -> Op {
         18 => Op::LeaseRevoke(LeaseRevokeRequest {
             id: [100, 200][rng.next(2) as usize],
         }),
+        // Mostly puts to one hot key, whose history outgrows its index record and is
+        // sealed into chunks (small records in unit tests: `key_index::HEAD_MAX`).
+        _ if rng.next(4) != 0 => Op::Put(PutRequest {
+            key: b"hot".to_vec(),
+            value: format!("h{i}").into(),
+            prev_kv: true,
+            ..Default::default()
+        }),
         _ => {
             *compacted = (*compacted + 1).max(current - rng.next(20) as i64);
             Op::Compaction(CompactionRequest {
@@ -652,4 +660,161 @@ fn an_unwritten_round_is_replayed_after_a_restart() {
         other => panic!("{other:?}"),
     }
     assert_eq!(store.applied_index(), 3);
+}
+
+/// A key written far more often than its index record holds (unit tests seal past 8
+/// changes) answers at every revision exactly as written, through reads at old
+/// revisions, watch catch-up with `prev_kv`, Txns inside an apply round, compaction
+/// and a restart; compaction drops the sealed chunks with the history.
+#[test]
+fn a_key_with_a_long_history_answers_at_every_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness {
+        store: MvccStore::open(dir.path()).unwrap(),
+        _dir: tempfile::tempdir().unwrap(),
+        index: 0,
+    };
+    // expected[r]: the value of "hot" at revision r (None: absent).
+    let mut expected: Vec<Option<String>> = vec![None, None];
+    for i in 0..300 {
+        if i % 50 == 49 {
+            h.must_delete("hot", "");
+            expected.push(None);
+        } else if i % 7 == 0 {
+            h.must_put("cold", &format!("c{i}"));
+            let last = expected.last().unwrap().clone();
+            expected.push(last);
+        } else {
+            h.must_put("hot", &format!("v{i}"));
+            expected.push(Some(format!("v{i}")));
+        }
+    }
+    let current = h.store.current_revision();
+    assert_eq!(current as usize, expected.len() - 1);
+    let raw = h
+        .store
+        .db
+        .get_cf(h.store.cf(CF_INDEX), b"hot")
+        .unwrap()
+        .unwrap();
+    let head = KeyIndex::decode(&raw).unwrap();
+    assert!(head.has_older() && head.changes().len() <= key_index::HEAD_MAX);
+    let value_at = |h: &Harness, r: i64| {
+        h.get("hot", r)
+            .map(|kv| String::from_utf8(kv.value).unwrap())
+    };
+    for r in 1..=current {
+        assert_eq!(value_at(&h, r), expected[r as usize], "revision {r}");
+    }
+
+    // Watch catch-up from far back, with prev_kv.
+    let (changes, _) = h
+        .store
+        .changes_between(2, current, usize::MAX, true)
+        .unwrap();
+    for c in changes.iter().filter(|c| c.kv.key == b"hot") {
+        let prev = c
+            .prev
+            .as_ref()
+            .map(|kv| String::from_utf8(kv.value.clone()).unwrap());
+        assert_eq!(
+            prev,
+            expected[c.rev.main as usize - 1],
+            "prev of {}",
+            c.rev.main
+        );
+    }
+
+    // Inside an apply round: puts that seal, then a Txn reading far back.
+    let back = current - 40;
+    for i in 0..30 {
+        h.index += 1;
+        let req = InternalRequest {
+            id: h.index,
+            request: Some(Op::Put(PutRequest {
+                key: b"hot".to_vec(),
+                value: format!("r{i}").into(),
+                ..Default::default()
+            })),
+            header: None,
+        };
+        h.store.apply_batched(h.index, &req).unwrap();
+        expected.push(Some(format!("r{i}")));
+    }
+    h.index += 1;
+    let txn = InternalRequest {
+        id: h.index,
+        request: Some(Op::Txn(TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key: b"hot".to_vec(),
+                    revision: back,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        })),
+        header: None,
+    };
+    let applied = h.store.apply_batched(h.index, &txn).unwrap();
+    h.store.flush_round().unwrap();
+    let Ok(ApplyResponse::Txn(t)) = applied.response else {
+        panic!("{:?}", applied.response)
+    };
+    let Some(Response::ResponseRange(r)) = &t.responses[0].response else {
+        panic!("{t:?}")
+    };
+    let got = r
+        .kvs
+        .first()
+        .map(|kv| String::from_utf8(kv.value.clone()).unwrap());
+    assert_eq!(got, expected[back as usize]);
+
+    // Compaction keeps what is visible at and after it, sealed or not.
+    let current = h.store.current_revision();
+    let at = 120;
+    h.apply(Op::Compaction(CompactionRequest {
+        revision: at,
+        physical: true,
+    }))
+    .unwrap();
+    for r in at..=current {
+        assert_eq!(
+            value_at(&h, r),
+            expected[r as usize],
+            "revision {r} after compaction"
+        );
+    }
+    assert!(h
+        .range(RangeRequest {
+            key: b"hot".to_vec(),
+            revision: at - 1,
+            ..Default::default()
+        })
+        .is_err());
+
+    // After a restart too.
+    drop(h.store);
+    h.store = MvccStore::open(dir.path()).unwrap();
+    for r in at..=current {
+        assert_eq!(
+            value_at(&h, r),
+            expected[r as usize],
+            "revision {r} after reopen"
+        );
+    }
+
+    // Compacting everything leaves no chunk behind.
+    h.apply(Op::Compaction(CompactionRequest {
+        revision: current,
+        physical: true,
+    }))
+    .unwrap();
+    let chunks = h
+        .store
+        .db
+        .iterator_cf(h.store.cf(CF_HISTORY), rocksdb::IteratorMode::Start)
+        .count();
+    assert_eq!(chunks, 0);
+    assert_eq!(value_at(&h, current), expected[current as usize]);
 }

@@ -20,12 +20,13 @@ use pontoon_proto::mvccpb::KeyValue;
 
 use super::hot::HotKey;
 use super::key_index::KeyIndex;
+use super::key_index::{encode_changes, history_key};
 use super::lease::attachment_key;
 use super::revision::Revision;
 use super::round::Overlay;
 use super::span::KeySpan;
-use super::view::{get_kv_db, scan_index_db, ReadView};
-use super::{encode_record, MvccStore, CF_INDEX, CF_LEASE, CF_REV};
+use super::view::{get_kv_db, load_older, scan_index_db, ReadView};
+use super::{encode_record, MvccStore, CF_HISTORY, CF_INDEX, CF_LEASE, CF_REV};
 use crate::error::{Error, Result};
 
 /// One change made by a write transaction, in order. Watchers will be fed from these.
@@ -176,7 +177,7 @@ impl<'a> WriteTxn<'a> {
     pub fn delete_range(&mut self, span: &KeySpan) -> Result<Vec<KeyValue>> {
         let at = self.read_revision();
         let mut victims = Vec::new();
-        self.scan_index(span, &mut |key, ki| {
+        self.scan_index(span, at, &mut |key, ki| {
             if let Some(rev) = ki.visible_at(at) {
                 victims.push((key.to_vec(), ki.clone(), rev));
             }
@@ -238,6 +239,7 @@ impl<'a> WriteTxn<'a> {
                 revision: self.begin,
                 changes: self.changes,
                 hot: Vec::new(),
+                sealed: false,
             };
         }
         let rev_cf = self.store.cf(CF_REV);
@@ -247,7 +249,22 @@ impl<'a> WriteTxn<'a> {
         let index_cf = self.store.cf(CF_INDEX);
         let revision = self.begin + 1;
         let mut hot = Vec::with_capacity(self.index.len());
+        let mut sealed = false;
         for (key, index) in std::mem::take(&mut self.index) {
+            // `index` is the key's head plus this transaction's changes (writes read
+            // heads only, never a history loaded from chunks), so any chunk split off
+            // here is older than the head and newer than every chunk stored.
+            let (index, chunks) = index.split_for_storage();
+            for chunk in &chunks {
+                let mut value = Vec::with_capacity(chunk.len() * 6);
+                encode_changes(chunk, &mut value);
+                batch.put_cf(
+                    self.store.cf(CF_HISTORY),
+                    history_key(&key, chunk[0].rev),
+                    value,
+                );
+                sealed = true;
+            }
             batch.put_cf(index_cf, &key, index.encode());
             // Every key in the overlay was written here, so its current value (if it
             // is not deleted) is one of this transaction's.
@@ -267,6 +284,7 @@ impl<'a> WriteTxn<'a> {
             revision,
             changes: self.changes,
             hot,
+            sealed,
         }
     }
 }
@@ -278,21 +296,25 @@ pub struct Committed {
     pub changes: Vec<Change>,
     /// Each written key's state, for the hot-key cache once the batch is written.
     pub hot: Vec<(Vec<u8>, Option<HotKey>)>,
+    /// Older changes of some key were sealed into `key_history` chunks in the batch:
+    /// reads further back must wait until it is written.
+    pub sealed: bool,
 }
 
 impl ReadView for WriteTxn<'_> {
     fn scan_index(
         &self,
         span: &KeySpan,
+        at: i64,
         f: &mut dyn FnMut(&[u8], &KeyIndex) -> Result<bool>,
     ) -> Result<()> {
         let round = self.round.map(|r| &r.index).filter(|i| !i.is_empty());
         if self.index.is_empty() && round.is_none() {
-            return scan_index_db(self.store, ReadOptions::default(), span, f);
+            return scan_index_db(self.store, &ReadOptions::default, span, at, f);
         }
         // Merge the engine's keys with the overlays', the newest writer winning.
         let mut merged: BTreeMap<Vec<u8>, KeyIndex> = BTreeMap::new();
-        scan_index_db(self.store, ReadOptions::default(), span, &mut |k, ki| {
+        scan_index_db(self.store, &ReadOptions::default, span, at, &mut |k, ki| {
             merged.insert(k.to_vec(), ki.clone());
             Ok(true)
         })?;
@@ -303,8 +325,15 @@ impl ReadView for WriteTxn<'_> {
                 }
             }
         }
-        for (k, ki) in &merged {
-            if !f(k, ki)? {
+        for (k, ki) in merged {
+            // An overlay's index is a head; a round that sealed chunks was written
+            // before the next entry ran (`mvcc::round`), so they are in the engine.
+            let ki = if ki.covers(at) {
+                ki
+            } else {
+                load_older(self.store, ReadOptions::default(), &k, ki)?
+            };
+            if !f(&k, &ki)? {
                 break;
             }
         }
