@@ -561,6 +561,31 @@ impl MvccStore {
         Ok(())
     }
 
+    /// Adds `key`'s index to `batch`: the record, and the older changes that do not
+    /// fit in it as new `key_history` chunks (see `mvcc::key_index`, "Bounded
+    /// records"). `ki` must begin after the key's last stored chunk, or those chunks
+    /// must be deleted in `batch` first (as compaction does). Returns the record
+    /// written and whether chunks were.
+    pub(crate) fn put_index(
+        &self,
+        batch: &mut WriteBatch,
+        key: &[u8],
+        ki: &KeyIndex,
+    ) -> (KeyIndex, bool) {
+        let (head, chunks) = ki.split_for_storage();
+        for chunk in &chunks {
+            let mut value = Vec::with_capacity(chunk.len() * 6);
+            key_index::encode_changes(chunk, &mut value);
+            batch.put_cf(
+                self.cf(CF_HISTORY),
+                key_index::history_key(key, chunk[0].rev),
+                value,
+            );
+        }
+        batch.put_cf(self.cf(CF_INDEX), key, head.encode());
+        (head, !chunks.is_empty())
+    }
+
     /// Compacts the history at revision `at`. Work is proportional to the number of
     /// revisions written since the previous compaction, not to the number of keys: only
     /// keys changed in that window can have anything left to drop.
@@ -614,17 +639,7 @@ impl MvccStore {
             if ki.is_empty() {
                 batch.delete_cf(index_cf, &key);
             } else {
-                let (head, chunks) = ki.split_for_storage();
-                for chunk in &chunks {
-                    let mut value = Vec::new();
-                    key_index::encode_changes(chunk, &mut value);
-                    batch.put_cf(
-                        self.cf(CF_HISTORY),
-                        key_index::history_key(&key, chunk[0].rev),
-                        value,
-                    );
-                }
-                batch.put_cf(index_cf, &key, head.encode());
+                self.put_index(batch, &key, &ki);
             }
         }
         batch.put_cf(self.cf(CF_META), META_COMPACT_REV, at.to_be_bytes());

@@ -20,13 +20,12 @@ use pontoon_proto::mvccpb::KeyValue;
 
 use super::hot::HotKey;
 use super::key_index::KeyIndex;
-use super::key_index::{encode_changes, history_key};
 use super::lease::attachment_key;
 use super::revision::Revision;
 use super::round::Overlay;
 use super::span::KeySpan;
 use super::view::{get_kv_db, load_older, scan_index_db, ReadView};
-use super::{encode_record, MvccStore, CF_HISTORY, CF_INDEX, CF_LEASE, CF_REV};
+use super::{encode_record, MvccStore, CF_INDEX, CF_LEASE, CF_REV};
 use crate::error::{Error, Result};
 
 /// One change made by a write transaction, in order. Watchers will be fed from these.
@@ -246,7 +245,6 @@ impl<'a> WriteTxn<'a> {
         for c in &self.changes {
             batch.put_cf(rev_cf, c.rev.encode(), encode_record(c.tombstone, &c.kv));
         }
-        let index_cf = self.store.cf(CF_INDEX);
         let revision = self.begin + 1;
         let mut hot = Vec::with_capacity(self.index.len());
         let mut sealed = false;
@@ -254,18 +252,8 @@ impl<'a> WriteTxn<'a> {
             // `index` is the key's head plus this transaction's changes (writes read
             // heads only, never a history loaded from chunks), so any chunk split off
             // here is older than the head and newer than every chunk stored.
-            let (index, chunks) = index.split_for_storage();
-            for chunk in &chunks {
-                let mut value = Vec::with_capacity(chunk.len() * 6);
-                encode_changes(chunk, &mut value);
-                batch.put_cf(
-                    self.store.cf(CF_HISTORY),
-                    history_key(&key, chunk[0].rev),
-                    value,
-                );
-                sealed = true;
-            }
-            batch.put_cf(index_cf, &key, index.encode());
+            let (index, chunks) = self.store.put_index(batch, &key, &index);
+            sealed |= chunks;
             // Every key in the overlay was written here, so its current value (if it
             // is not deleted) is one of this transaction's.
             let state = match index.visible_at(revision) {
