@@ -91,17 +91,18 @@ impl KeyIndex {
     /// What to store: the record (at most [`HEAD_MAX`] changes) and the chunks of
     /// older changes to add to `key_history` (each at most [`CHUNK_MAX`]), oldest
     /// first. Nothing to add while the record has room.
-    pub fn split_for_storage(&self) -> (KeyIndex, Vec<Vec<Change>>) {
+    pub fn split_for_storage(mut self) -> (KeyIndex, Vec<Vec<Change>>) {
         if self.changes.len() <= HEAD_MAX {
-            return (self.clone(), Vec::new());
+            return (self, Vec::new());
         }
-        let cut = self.changes.len() - HEAD_KEEP;
-        let chunks = self.changes[..cut]
+        let kept = self.changes.split_off(self.changes.len() - HEAD_KEEP);
+        let chunks = self
+            .changes
             .chunks(CHUNK_MAX)
             .map(<[Change]>::to_vec)
             .collect();
         let head = KeyIndex {
-            changes: self.changes[cut..].to_vec(),
+            changes: kept,
             older: true,
         };
         (head, chunks)
@@ -304,9 +305,9 @@ mod tests {
     #[test]
     fn a_long_history_splits_into_a_head_and_chunks_that_join_back() {
         let small = puts(HEAD_MAX as i64);
-        assert_eq!(small.split_for_storage(), (small.clone(), Vec::new()));
+        assert_eq!(small.clone().split_for_storage(), (small, Vec::new()));
         let full = puts(20);
-        let (head, chunks) = full.split_for_storage();
+        let (head, chunks) = full.clone().split_for_storage();
         assert!(head.has_older());
         assert_eq!(head.changes().len(), HEAD_KEEP);
         assert_eq!(head.changes()[0].rev.main, 20 - HEAD_KEEP as i64 + 1);

@@ -570,7 +570,7 @@ impl MvccStore {
         &self,
         batch: &mut WriteBatch,
         key: &[u8],
-        ki: &KeyIndex,
+        ki: KeyIndex,
     ) -> (KeyIndex, bool) {
         let (head, chunks) = ki.split_for_storage();
         for chunk in &chunks {
@@ -639,7 +639,7 @@ impl MvccStore {
             if ki.is_empty() {
                 batch.delete_cf(index_cf, &key);
             } else {
-                self.put_index(batch, &key, &ki);
+                self.put_index(batch, &key, ki);
             }
         }
         batch.put_cf(self.cf(CF_META), META_COMPACT_REV, at.to_be_bytes());

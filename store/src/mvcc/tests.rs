@@ -487,13 +487,17 @@ fn random_op(rng: &mut Lcg, i: usize, current: i64, compacted: &mut i64) -> Op {
     }
 }
 
-fn grant_leases(hs: &mut [&mut Harness]) {
+/// Two fresh stores with leases 100 and 200, for the randomized comparisons, and a
+/// generator seeded with `seed`.
+fn twin_stores(seed: u64) -> (Harness, Harness, Lcg) {
+    let (mut a, mut b) = (Harness::new(), Harness::new());
     for lease in [100, 200] {
-        for h in hs.iter_mut() {
+        for h in [&mut a, &mut b] {
             h.apply(Op::LeaseGrant(LeaseGrantRequest { id: lease, ttl: 60 }))
                 .unwrap();
         }
     }
+    (a, b, Lcg(seed))
 }
 
 fn all_keys(h: &Harness) -> Vec<KeyValue> {
@@ -527,10 +531,7 @@ fn raw_cfs(h: &Harness, cfs: &[&str]) -> Vec<RawCf> {
 /// gives identical responses and identical column families.
 #[test]
 fn hot_key_cache_gives_the_engines_answers() {
-    let mut cached = Harness::new();
-    let mut cold = Harness::new();
-    let mut rng = Lcg(7);
-    grant_leases(&mut [&mut cached, &mut cold]);
+    let (mut cached, mut cold, mut rng) = twin_stores(7);
     let mut compacted = 0;
     let mut used = 0;
     for i in 0..3000 {
@@ -556,10 +557,7 @@ fn hot_key_cache_gives_the_engines_answers() {
 /// not the revision, not the applied index, not a key.
 #[test]
 fn apply_rounds_give_the_answers_of_entries_applied_one_by_one() {
-    let mut rounds = Harness::new();
-    let mut alone = Harness::new();
-    let mut rng = Lcg(11);
-    grant_leases(&mut [&mut rounds, &mut alone]);
+    let (mut rounds, mut alone, mut rng) = twin_stores(11);
     let mut compacted = 0;
     let mut pending = 0;
     let (mut seen_rev, mut seen_index, mut seen_keys) = (0, 0, Vec::new());
@@ -571,19 +569,17 @@ fn apply_rounds_give_the_answers_of_entries_applied_one_by_one() {
             seen_index = rounds.store.applied_index();
             seen_keys = all_keys(&rounds);
         }
-        let b = alone.apply(op.clone());
         rounds.index += 1;
+        alone.index += 1;
         let req = InternalRequest {
             id: rounds.index,
             request: Some(op.clone()),
             header: None,
         };
+        let b = alone.store.apply(alone.index, &req).unwrap();
         let a = rounds.store.apply_batched(rounds.index, &req).unwrap();
-        assert_eq!(
-            format!("{:?}", a.response),
-            format!("{b:?}"),
-            "entry {i}: {op:?}"
-        );
+        // The answer and the changes handed to watchers.
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "entry {i}: {op:?}");
         if rounds.store.round_pending() {
             pending += 1;
             longest = longest.max(pending);

@@ -252,7 +252,7 @@ impl<'a> WriteTxn<'a> {
             // `index` is the key's head plus this transaction's changes (writes read
             // heads only, never a history loaded from chunks), so any chunk split off
             // here is older than the head and newer than every chunk stored.
-            let (index, chunks) = self.store.put_index(batch, &key, &index);
+            let (index, chunks) = self.store.put_index(batch, &key, index);
             sealed |= chunks;
             // Every key in the overlay was written here, so its current value (if it
             // is not deleted) is one of this transaction's.
