@@ -34,6 +34,10 @@
 #   KEY_SPACE               keys preloaded for the range steps (default 10000)
 #   PUT_RATE, RANGE_RATE    offered rates of the fixed-rate steps, where p99 is
 #                           compared at the same load (defaults 6000 and 4000/s)
+#   CLUSTER_PUT_RATE, CLUSTER_RANGE_RATE
+#                           the same for 3 members (defaults 3000 and 2000/s: three
+#                           members and the load generator share the cores, so the
+#                           single-member rates saturate etcd there)
 #   BENCH_PORT              first port (default 23790): clients on PORT..PORT+2,
 #                           peers on PORT+10..PORT+12
 #   RESULTS_DIR             where the report goes (default bench/results)
@@ -57,6 +61,8 @@ WATCH_RATE="${WATCH_RATE:-100}"
 KEY_SPACE="${KEY_SPACE:-10000}"
 PUT_RATE="${PUT_RATE:-6000}"
 RANGE_RATE="${RANGE_RATE:-4000}"
+CLUSTER_PUT_RATE="${CLUSTER_PUT_RATE:-3000}"
+CLUSTER_RANGE_RATE="${CLUSTER_RANGE_RATE:-2000}"
 PORT="${BENCH_PORT:-23790}"
 RESULTS_DIR="${RESULTS_DIR:-bench/results}"
 
@@ -111,8 +117,8 @@ MATRIX_3=(
   "range c256|--workload range --clients 256 --conns 18 --key-space $KEY_SPACE"
   "range-serializable c256|--workload range-serializable --clients 256 --conns 18 --key-space $KEY_SPACE"
   "txn-put c64|--workload txn-put --clients 64 --conns 9"
-  "put c256 @$PUT_RATE/s|--workload put --clients 256 --conns 18 --rate $PUT_RATE"
-  "range c256 @$RANGE_RATE/s|--workload range --clients 256 --conns 18 --key-space $KEY_SPACE --rate $RANGE_RATE"
+  "put c256 @$CLUSTER_PUT_RATE/s|--workload put --clients 256 --conns 18 --rate $CLUSTER_PUT_RATE"
+  "range c256 @$CLUSTER_RANGE_RATE/s|--workload range --clients 256 --conns 18 --key-space $KEY_SPACE --rate $CLUSTER_RANGE_RATE"
   "watch w$WATCHERS|--workload watch --watchers $WATCHERS --conns 12 --streams 12 --clients 18 --rate $WATCH_RATE"
   "lease-keepalive c64|--workload lease-keepalive --clients 64 --conns 9"
   "put one key c64|--workload put --clients 64 --conns 9 --key-space 1"
