@@ -466,6 +466,27 @@ if checks:
     for name, r, ok in checks:
         print(f"| {name} | {r:.2f}x | {'yes' if ok else 'no'} |")
     print()
+    # On a CPU-bound step the machine runs cores / (server + load generator µs per op)
+    # requests/s, so the throughput ratio follows from the CPU costs alone.
+    cpu_rows = []
+    for topo in ("single", "cluster"):
+        for st in ("put c256", "range c256", "range-serializable c256"):
+            e, p = both(topo, st)
+            k = ("server_cpu_us_per_op", "bench_cpu_us_per_op")
+            if e and p and all(e.get(x) and p.get(x) for x in k):
+                es, eb, ps, pb = e[k[0]], e[k[1]], p[k[0]], p[k[1]]
+                cpu_rows.append(f"| {st} ({topo}) | {p['rps'] / e['rps']:.2f}x | "
+                                f"{(es + eb) / (ps + pb):.2f}x | {es / ps:.2f}x |")
+    if cpu_rows:
+        print("Throughput follows CPU: server and load generator share the cores, so a "
+              "saturated step runs at cores / (server + load generator CPU per request), and "
+              "the ratio is etcd's (server + load generator) µs per request over Pontoon's. "
+              "The last column is the ratio of the servers' CPU alone, what the ratio would "
+              "be with the load generator on other cores.\n")
+        print("| step | throughput ratio | predicted from CPU | etcd / pontoon server CPU |")
+        print("|---|---:|---:|---:|")
+        print("\n".join(cpu_rows))
+        print()
     if any(name.startswith("p99") for name, _, _ in checks):
         print("(p99 is compared at the same offered load: the `@ rate` steps and the fan-out "
               "run at a fixed rate, below what either server sustains; the closed-loop steps "
