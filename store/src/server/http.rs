@@ -6,12 +6,15 @@
 //! this member knows a leader, has no active alarm and can serve a linearizable read;
 //! otherwise 503 with the reason (`RAFT NO LEADER`, `ALARM NOSPACE`, ...).
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::middleware::Next;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -22,15 +25,11 @@ use crate::metrics::METRICS;
 /// Adds the HTTP endpoints, gRPC request counting and etcd's require-leader check to
 /// the gRPC router.
 pub fn routes(grpc: Router, server: Arc<EtcdServer>) -> Router {
-    let leader_check = {
-        let server = server.clone();
-        move |req: Request, next: Next| require_leader(server.clone(), req, next)
-    };
     let max_request_bytes = server.max_request_bytes;
+    let grpc = grpc.layer(GrpcFrontLayer {
+        server: server.clone(),
+    });
     let http = monitoring(server);
-    let grpc = grpc
-        .layer(axum::middleware::from_fn(leader_check))
-        .layer(axum::middleware::from_fn(count_grpc));
     // The JSON gateway calls the gRPC methods through these same layers.
     let gateway = super::gateway::routes(grpc.clone(), max_request_bytes);
     grpc.merge(http).merge(gateway)
@@ -47,34 +46,109 @@ pub fn monitoring(server: Arc<EtcdServer>) -> Router {
         .with_state(server)
 }
 
-/// etcd clients mark requests that must not wait for an election with the metadata
-/// `hasleader: true` (clientv3's `WithRequireLeader`; Kubernetes sets it on watches):
-/// a member that knows no leader answers them `etcdserver: no leader` at once.
-async fn require_leader(server: Arc<EtcdServer>, req: Request, next: Next) -> Response {
-    let required = req
-        .headers()
-        .get("hasleader")
-        .is_some_and(|v| v.as_bytes() == b"true");
-    if required && server.raft.status().leader() == 0 {
-        let status = super::status::to_status(crate::Error::NoLeader);
-        return status.into_http::<axum::body::Body>().into_response();
-    }
-    next.run(req).await
+/// What every gRPC call passes before its service, as one tower layer (one plain
+/// future per call; this is on every request's path):
+///
+/// - counting: `grpc_server_started_total` on arrival, `grpc_server_handled_total`
+///   with the status code when the response (or its trailers-only error) is ready;
+/// - etcd's require-leader check: clients mark requests that must not wait for an
+///   election with the metadata `hasleader: true` (clientv3's `WithRequireLeader`;
+///   Kubernetes sets it on watches); a member that knows no leader answers them
+///   `etcdserver: no leader` at once (counted too).
+#[derive(Clone)]
+struct GrpcFrontLayer {
+    server: Arc<EtcdServer>,
 }
 
-async fn count_grpc(req: Request, next: Next) -> Response {
-    // Uri clones share their bytes: no allocation per call.
-    let uri = req.uri().clone();
-    let path = uri.path();
-    let grpc = req
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc {
-        return next.run(req).await;
+impl<S> tower_layer::Layer<S> for GrpcFrontLayer {
+    type Service = GrpcFront<S>;
+
+    fn layer(&self, inner: S) -> GrpcFront<S> {
+        GrpcFront {
+            inner,
+            server: self.server.clone(),
+        }
     }
-    METRICS.grpc_started(path);
-    let resp = next.run(req).await;
+}
+
+#[derive(Clone)]
+struct GrpcFront<S> {
+    inner: S,
+    server: Arc<EtcdServer>,
+}
+
+impl<S> tower_service::Service<Request> for GrpcFront<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let grpc = req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !grpc {
+            return Counted::Call {
+                inner: self.inner.call(req),
+                path: None,
+            };
+        }
+        // Uri clones share their bytes: no allocation per call.
+        let uri = req.uri().clone();
+        METRICS.grpc_started(uri.path());
+        let required = req
+            .headers()
+            .get("hasleader")
+            .is_some_and(|v| v.as_bytes() == b"true");
+        if required && self.server.raft.status().leader() == 0 {
+            let status = super::status::to_status(crate::Error::NoLeader);
+            let resp = status.into_http::<axum::body::Body>().into_response();
+            count_handled(&uri, &resp);
+            return Counted::Refused { resp: Some(resp) };
+        }
+        Counted::Call {
+            inner: self.inner.call(req),
+            path: Some(uri),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A gRPC call in flight, counted as handled when its response is ready.
+    #[project = CountedProj]
+    enum Counted<F> {
+        Call { #[pin] inner: F, path: Option<Uri> },
+        Refused { resp: Option<Response> },
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for Counted<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CountedProj::Call { inner, path } => {
+                let resp = ready!(inner.poll(cx))?;
+                if let Some(uri) = path.take() {
+                    count_handled(&uri, &resp);
+                }
+                Poll::Ready(Ok(resp))
+            }
+            CountedProj::Refused { resp } => {
+                Poll::Ready(Ok(resp.take().expect("polled after completion")))
+            }
+        }
+    }
+}
+
+fn count_handled(uri: &Uri, resp: &Response) {
     // Errors come back trailers-only: the status is in the headers.
     let code = resp
         .headers()
@@ -82,8 +156,7 @@ async fn count_grpc(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
-    METRICS.grpc_handled(path, code);
-    resp
+    METRICS.grpc_handled(uri.path(), code);
 }
 
 /// Why this member is not healthy, if it is not.
