@@ -66,6 +66,9 @@ pub struct Wal {
     end: u64,
     /// The segment file's length; `end..allocated` is preallocated and reads as zeros.
     allocated: u64,
+    /// False once preallocating this segment failed (say, a filesystem without
+    /// `fallocate`): records then extend the file, without a failing call per append.
+    preallocating: bool,
     dirty: bool,
 }
 
@@ -146,6 +149,7 @@ impl Wal {
             out: BufWriter::with_capacity(1 << 20, file),
             end,
             allocated,
+            preallocating: true,
             dirty: false,
         }
     }
@@ -154,12 +158,15 @@ impl Wal {
     /// its end.
     fn write_records(&mut self, buf: &[u8]) -> Result<()> {
         let end = self.end + buf.len() as u64;
-        if end > self.allocated {
+        if end > self.allocated && self.preallocating {
             let to = end.next_multiple_of(PREALLOCATE_BYTES);
             match preallocate(self.out.get_ref(), self.allocated, to - self.allocated) {
                 Ok(()) => self.allocated = to,
                 // Only a speed-up: the write below extends the file instead.
-                Err(e) => tracing::debug!(error = %e, "WAL preallocation failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL preallocation failed; appending instead");
+                    self.preallocating = false;
+                }
             }
         }
         self.out.write_all(buf)?;
@@ -488,6 +495,19 @@ mod tests {
         let (_, s) = Wal::open(dir.path()).unwrap();
         assert_eq!(s.entries.len(), 20);
         assert_eq!(s.entries[19].data, vec![20u8; 1 << 20]);
+    }
+
+    #[test]
+    fn appends_go_on_where_preallocation_fails() {
+        // /dev/null takes writes but not fallocate(2) (ENODEV).
+        let dir = tempfile::tempdir().unwrap();
+        let null = OpenOptions::new().write(true).open("/dev/null").unwrap();
+        let mut wal = Wal::writer(dir.path(), 1, null, 0, 0);
+        wal.append(&[entry(1, 1)]).unwrap();
+        assert!(!wal.preallocating, "the failure switches preallocation off");
+        wal.append(&[entry(2, 1)]).unwrap();
+        wal.out.flush().unwrap();
+        assert_eq!(wal.allocated, wal.end, "the records extended the file");
     }
 
     #[test]
