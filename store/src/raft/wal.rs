@@ -412,6 +412,18 @@ mod tests {
         s.entries.iter().map(|e| (e.index, e.term)).collect()
     }
 
+    /// A new WAL in `dir` holding `ents`, synced.
+    fn synced_wal(dir: &Path, ents: &[Entry]) -> Wal {
+        let mut wal = Wal::create(dir, &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
+        wal.append(ents).unwrap();
+        wal.sync().unwrap();
+        wal
+    }
+
+    fn first_segment(dir: &Path) -> PathBuf {
+        segments(dir).unwrap()[0].1.clone()
+    }
+
     #[test]
     fn replays_entries_hard_state_and_overwrites() {
         let dir = tempfile::tempdir().unwrap();
@@ -431,12 +443,10 @@ mod tests {
     #[test]
     fn torn_tail_is_truncated_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
-        wal.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        wal.sync().unwrap();
+        let wal = synced_wal(dir.path(), &[entry(1, 1), entry(2, 1)]);
         let end = wal.end as usize;
         drop(wal);
-        let path = segments(dir.path()).unwrap()[0].1.clone();
+        let path = first_segment(dir.path());
         let full = fs::read(&path).unwrap();
         // Cut the last record in half: a write torn by a crash.
         fs::write(&path, &full[..end - 5]).unwrap();
@@ -460,10 +470,8 @@ mod tests {
     #[test]
     fn preallocated_segments_reopen_where_their_records_end() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
-        wal.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        wal.sync().unwrap();
-        let path = segments(dir.path()).unwrap()[0].1.clone();
+        let wal = synced_wal(dir.path(), &[entry(1, 1), entry(2, 1)]);
+        let path = first_segment(dir.path());
         let len = || fs::metadata(&path).unwrap().len();
         assert_eq!(len(), PREALLOCATE_BYTES, "the segment is preallocated");
         drop(wal);
@@ -513,12 +521,10 @@ mod tests {
     #[test]
     fn a_torn_record_before_preallocated_zeros_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
-        wal.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        wal.sync().unwrap();
+        let wal = synced_wal(dir.path(), &[entry(1, 1), entry(2, 1)]);
         let end = wal.end as usize;
         drop(wal);
-        let path = segments(dir.path()).unwrap()[0].1.clone();
+        let path = first_segment(dir.path());
         // A crash that left the end of the last record unwritten: it reads as the
         // zeros of the preallocated rest.
         let mut data = fs::read(&path).unwrap();
@@ -536,11 +542,9 @@ mod tests {
     #[test]
     fn an_older_segment_left_by_a_crash_in_rewrite_replays() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
         let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
-        wal.append(&ents).unwrap();
-        wal.sync().unwrap();
-        let old = segments(dir.path()).unwrap()[0].1.clone();
+        let mut wal = synced_wal(dir.path(), &ents);
+        let old = first_segment(dir.path());
         let old_data = fs::read(&old).unwrap();
         let snap = SnapshotMetadata {
             index: 7,
@@ -560,10 +564,8 @@ mod tests {
     #[test]
     fn corruption_in_the_middle_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
-        wal.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        wal.sync().unwrap();
-        let path = segments(dir.path()).unwrap()[0].1.clone();
+        let mut wal = synced_wal(dir.path(), &[entry(1, 1), entry(2, 1)]);
+        let path = first_segment(dir.path());
         let before_last = wal.end as usize;
         wal.append(&[entry(3, 1)]).unwrap();
         wal.sync().unwrap();
@@ -588,10 +590,8 @@ mod tests {
     #[test]
     fn rewrite_truncates_the_log_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), &SnapshotMetadata::default(), &hs(1, 0)).unwrap();
         let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
-        wal.append(&ents).unwrap();
-        wal.sync().unwrap();
+        let mut wal = synced_wal(dir.path(), &ents);
         let snap = SnapshotMetadata {
             index: 7,
             term: 1,
