@@ -5,8 +5,10 @@
 //! put minus this is what raft, the WAL, the MVCC apply and the hand-offs cost.
 //!
 //! `scripts/bench.sh` runs it next to etcd and Pontoon (report: "what limits put c256").
-//! `--like-pontoon` serves the service the way `pontoon store` routes it, behind an axum
-//! router with two `from_fn` middleware layers, so the difference prices that layering.
+//! `--like-pontoon` serves the service behind an axum router with two `from_fn`
+//! middleware layers, the way `pontoon store` routed requests until its two layers
+//! became one plain tower layer (`store/src/server/http.rs`); the difference prices
+//! `from_fn` layering.
 //!
 //! Usage: `pontoon-grpc-floor [--like-pontoon] [--listen 127.0.0.1:23790]`.
 
