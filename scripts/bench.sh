@@ -175,17 +175,44 @@ stop() {
 # status_kb PID FIELD: VmHWM or VmRSS of a process, in KiB.
 status_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
+# wal_fsync: the servers' WAL fsync histogram (etcd_disk_wal_fsync_duration_seconds,
+# which both export on the client URL's /metrics), summed over the members, as JSON
+# {"le": [...], "n": [...], "count": c, "sum": s}; null where none answers.
+wal_fsync() {
+  local ep
+  for ep in ${ENDPOINTS//,/ }; do
+    curl -s --max-time 2 "http://$ep/metrics" 2>/dev/null || true
+  done | python3 -c '
+import json, re, sys
+le, cnt, tot = {}, 0.0, 0.0
+for l in sys.stdin:
+    if not l.startswith("etcd_disk_wal_fsync_duration_seconds"):
+        continue
+    v = float(l.split()[-1])
+    m = re.search(r"le=\"([^\"]+)\"", l)
+    if m:
+        le[m[1]] = le.get(m[1], 0.0) + v
+    elif "_count" in l:
+        cnt += v
+    elif "_sum" in l:
+        tot += v
+ks = sorted(le, key=lambda k: float("inf") if k == "+Inf" else float(k))
+print(json.dumps({"le": ks, "n": [le[k] for k in ks], "count": cnt, "sum": tot}) if ks else "null")'
+}
+
 # bench TOPO TARGET STEP ARGS...: one run; appends its JSON line (or the failure) to
-# the results.
+# the results, with the servers' WAL fsync histogram before and after it.
 bench() {
-  local topo=$1 target=$2 name=$3 line
+  local topo=$1 target=$2 name=$3 line before after
   shift 3
   echo "== $target ($topo): $name" >&2
   local pids
   pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
+  before=$(wal_fsync)
   if line=$("$BENCH" --endpoints "$ENDPOINTS" --cpu-pids "$pids" "$@" | tail -1) \
       && [[ "$line" == "{"* ]]; then
-    echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":$line}" >> "$RESULTS"
+    after=$(wal_fsync)
+    echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":$line,\"fsync_before\":$before,\"fsync_after\":$after}" >> "$RESULTS"
   else
     echo "   failed" >&2
     echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":null}" >> "$RESULTS"
@@ -305,6 +332,19 @@ def ratio(p, e):
 def f(x, spec=".0f"):
     return "–" if x is None else format(x, spec)
 
+def fsync_cell(row):
+    """WAL fsyncs during a step: count, mean and the p99 bucket bound, or None."""
+    b, a = row and row.get("fsync_before"), row and row.get("fsync_after")
+    if not b or not a or b["le"] != a["le"]:
+        return None
+    n = a["count"] - b["count"]
+    if n <= 0:
+        return None
+    bounds = [float(x) for x in a["le"]]
+    deltas = [y - x for x, y in zip(b["n"], a["n"])]
+    p99 = next((le for le, c in zip(bounds, deltas) if c >= 0.99 * n), math.inf)
+    return f"{n:.0f}, {(a['sum'] - b['sum']) / n * 1000:.2f}, {p99 * 1000:g}"
+
 print(f"# Pontoon vs etcd 3.4, {secs} s per step ({scope})\n")
 print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {commit}. Machine: {os.cpu_count()} cores, "
       f"{platform.platform()}; the load generator runs on the same machine. Same flags for "
@@ -360,6 +400,19 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
                      "connection) talks to the first member only, leader or not.")
     for n in notes:
         print(f"- {n}")
+    fsync_rows = []
+    for step in steps:
+        cells = [fsync_cell(by.get((topo, step), {}).get(t)) for t in T]
+        if step.startswith("range") or not any(cells):
+            continue
+        fsync_rows.append(f"| {step} | {cells[0] or '–'} | {cells[1] or '–'} |")
+    if fsync_rows:
+        print("\nWAL fsyncs during each write step, all members together, from each server's "
+              "own `etcd_disk_wal_fsync_duration_seconds` (p99 is the upper bound of its "
+              "histogram bucket): the disk's share of the latency above.\n")
+        print("| step | etcd fsyncs, mean ms, p99 <= ms | pontoon fsyncs, mean ms, p99 <= ms |")
+        print("|---|---|---|")
+        print("\n".join(fsync_rows))
     e, p, fl = (res(topo, "put c256", t) for t in ("etcd", "pontoon", "floor"))
     if e and p and fl and e.get("server_cpu_us_per_op"):
         # The CPU left for the server at twice etcd's rate, with the load generator as

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use hdrhistogram::Histogram;
@@ -83,11 +83,29 @@ async fn kv_client(
             other => unreachable!("workload {other}"),
         };
         if r.is_ok() {
-            hist.saturating_record((started.elapsed().as_micros() as u64).max(1));
+            let took = started.elapsed();
+            hist.saturating_record((took.as_micros() as u64).max(1));
+            if args.slow_ms > 0 && took >= Duration::from_millis(args.slow_ms) {
+                log_slow(took);
+            }
         }
         ctl.done(r.is_ok());
     }
     (hist, deleted)
+}
+
+/// One line per slow request: when it started (wall clock) and how long it took.
+fn log_slow(took: Duration) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let start = now.saturating_sub(took);
+    eprintln!(
+        "slow {}.{:03} {:.1}",
+        start.as_secs(),
+        start.subsec_millis(),
+        took.as_secs_f64() * 1000.0
+    );
 }
 
 pub(crate) async fn run_kv(args: &Args, conns: &[Client]) -> anyhow::Result<Summary> {

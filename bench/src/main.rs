@@ -128,6 +128,11 @@ struct Args {
     /// generator's own.
     #[arg(long, default_value = "")]
     cpu_pids: String,
+    /// KV workloads: print each request slower than this many milliseconds to stderr
+    /// (`slow <wall-clock start, unix seconds> <latency ms>`), to line a latency tail
+    /// up with server logs and traces. 0: off.
+    #[arg(long, default_value_t = 0)]
+    slow_ms: u64,
 }
 
 /// CPU seconds (user + system) process `pid` ("self" for this one) has used, from
