@@ -30,12 +30,11 @@
 //!   after taking their snapshot, so a reader never sees a half-deleted history.
 //! - **Writeback.** The engine's WAL and its SST files are written back to the disk
 //!   as they grow ([`WRITEBACK_BYTES`] at a time, RocksDB's `wal_bytes_per_sync` and
-//!   `bytes_per_sync`: `sync_file_range`, no fsync), never left to pile up as dirty
-//!   pages. Every member applies the same entries and so reaches raft log truncation
-//!   (and its engine sync) at the same moment: with tens of MiB of dirty WAL behind
-//!   that sync, all members' raft WAL fsyncs stalled together, and with them every
-//!   write in the cluster (3 members at 3,000 puts/s: p99.9 up to 395 ms; with
-//!   writeback 13-32 ms; bench/README.md, session 9).
+//!   `bytes_per_sync`: `sync_file_range`, no fsync), not left to pile up as dirty
+//!   pages until the kernel's flusher or the sync before raft log truncation writes
+//!   them in one burst. Every member applies the same entries, so those bursts came
+//!   on every member at once, and the raft WAL's fsyncs queued behind them: the
+//!   3-member put tail (bench/README.md, session 9).
 //! - Restart reads three numbers from `meta`; nothing proportional to the number of
 //!   keys is loaded or rebuilt.
 
