@@ -2,8 +2,8 @@
 # Side-by-side load test: etcd 3.4 (Debian's etcd-server) and Pontoon (release build),
 # same flags (fsync on), same machine, one server (or cluster) at a time, the same
 # load from pontoon-bench against each. Writes a markdown report with the ratios
-# (pontoon / etcd) and an SVG latency chart to bench/results/<date>-<time>.{md,svg}
-# and prints the report.
+# (pontoon / etcd), each server's WAL fsyncs per write step and an SVG latency chart
+# to bench/results/<date>-<time>.{md,svg}, and prints the report.
 #
 # Usage: ./scripts/bench.sh [seconds per step] [single|cluster|memory|all]
 #   (defaults: 15, all)
@@ -409,7 +409,8 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
     if fsync_rows:
         print("\nWAL fsyncs during each write step, all members together, from each server's "
               "own `etcd_disk_wal_fsync_duration_seconds` (p99 is the upper bound of its "
-              "histogram bucket): the disk's share of the latency above.\n")
+              "histogram bucket): what the disk did during the steps above. A few stalled fsyncs "
+              "hold up many requests yet hardly move the fsync p99.\n")
         print("| step | etcd fsyncs, mean ms, p99 <= ms | pontoon fsyncs, mean ms, p99 <= ms |")
         print("|---|---|---|")
         print("\n".join(fsync_rows))
