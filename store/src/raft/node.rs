@@ -13,13 +13,22 @@
 //!   completes each proposal's waiter with the result. It also decides when the state
 //!   machine is durable enough for the raft log to be truncated.
 //!
+//! **Inline apply.** A small group of committed entries (at most [`INLINE_ENTRIES`])
+//! that finds the apply thread idle, nothing queued for it, is applied by the raft
+//! thread itself, under the same lock the apply thread holds while it works. Waking an
+//! idle thread costs tens of microseconds on a virtual machine (its vCPU has halted),
+//! a tenth of a lone client's put; under load the apply thread is busy or groups are
+//! large, and applying overlaps the next fsync as before. Log order holds: the raft
+//! thread is the only one that hands out entries, and it applies inline only when
+//! every group it sent before has been applied.
+//!
 //! Nothing is acknowledged before the entry that carries it is fsynced in the WAL and
 //! applied. A read-index request is answered once the leader has confirmed the commit
 //! index for it; the caller then waits until the apply thread has reached that index.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -79,6 +88,10 @@ pub enum Bootstrap {
     /// Join a running cluster: start empty, learn everything from the leader.
     Join,
 }
+
+/// The largest group of committed entries the raft thread applies itself when the
+/// apply thread is idle (see "Inline apply" above).
+const INLINE_ENTRIES: usize = 4;
 
 /// Forwarded proposals remembered before the answered ones are pruned.
 const FORWARDED_PRUNE_AT: usize = 4096;
@@ -231,6 +244,14 @@ enum ApplyTask {
         meta: SnapshotMetadata,
         done: mpsc::Sender<Result<()>>,
     },
+}
+
+/// The apply loop's state, shared by the apply thread and (see "Inline apply") the
+/// raft thread.
+struct ApplyShared {
+    applier: Mutex<Applier>,
+    /// Tasks sent to the apply thread and not yet done.
+    queued: AtomicUsize,
 }
 
 /// A handle to a running raft node. Cheap to share behind an `Arc`.
@@ -422,10 +443,27 @@ impl RaftNode {
             }));
         }
 
+        let apply_waiters = waiters.clone();
+        let apply = Arc::new(ApplyShared {
+            applier: Mutex::new(Applier {
+                id: cfg.id,
+                mvcc,
+                tx,
+                waiters: waiters.clone(),
+                observer,
+                status: status.clone(),
+                applied_tx,
+                snapshot_count: cfg.snapshot_count.max(1),
+                last_durable: applied,
+                held: Vec::new(),
+            }),
+            queued: AtomicUsize::new(0),
+        });
         let mut driver = Driver {
             raw,
             rx,
             apply_tx,
+            apply: apply.clone(),
             transport,
             waiters: waiters.clone(),
             status: status.clone(),
@@ -451,25 +489,12 @@ impl RaftNode {
                     fatal(e);
                 }
             })?;
-        let mut applier = Applier {
-            id: cfg.id,
-            mvcc,
-            rx: apply_rx,
-            tx,
-            waiters,
-            observer,
-            status,
-            applied_tx,
-            snapshot_count: cfg.snapshot_count.max(1),
-            last_durable: applied,
-            held: Vec::new(),
-        };
         let apply_thread = std::thread::Builder::new()
             .name("apply".into())
             .spawn(move || {
-                if let Err(e) = applier.run() {
+                if let Err(e) = run_apply_thread(&apply, apply_rx) {
                     tracing::error!(error = %e, "apply loop stopped");
-                    applier.waiters.fail_all(|| Error::Stopped);
+                    apply_waiters.fail_all(|| Error::Stopped);
                     on_fatal(e);
                 }
             })?;
@@ -657,6 +682,7 @@ struct Driver {
     raw: RawNode<WalStorage>,
     rx: Receiver<Command>,
     apply_tx: Sender<ApplyTask>,
+    apply: Arc<ApplyShared>,
     transport: Arc<dyn Transport>,
     waiters: Arc<Waiters>,
     status: Arc<RaftStatus>,
@@ -1012,13 +1038,11 @@ impl Driver {
         );
         let path = self.raw.store().snapshot_path_for(&snap);
         let (done_tx, done_rx) = mpsc::channel();
-        self.apply_tx
-            .send(ApplyTask::Snapshot {
-                path: path.clone(),
-                meta: meta.clone(),
-                done: done_tx,
-            })
-            .map_err(|_| Error::Stopped)?;
+        self.to_apply(ApplyTask::Snapshot {
+            path: path.clone(),
+            meta: meta.clone(),
+            done: done_tx,
+        })?;
         done_rx.recv().map_err(|_| Error::Stopped)??;
         self.raw.mut_store().apply_snapshot(meta)?;
         self.raw.mut_store().sync()?;
@@ -1089,16 +1113,43 @@ impl Driver {
         self.status
             .proposals_committed
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
-        self.apply_tx
-            .send(ApplyTask::Entries { entries, rejected })
-            .map_err(|_| Error::Stopped)
+        let task = ApplyTask::Entries { entries, rejected };
+        if matches!(&task, ApplyTask::Entries { entries, .. } if entries.len() <= INLINE_ENTRIES)
+            && self.apply.queued.load(Ordering::Acquire) == 0
+        {
+            if let Ok(mut applier) = self.apply.applier.try_lock() {
+                // Checked again under the lock: the apply thread takes it for every
+                // task it has received, and counts a task done before letting go.
+                if self.apply.queued.load(Ordering::Acquire) == 0 {
+                    return applier.run_task(task);
+                }
+            }
+        }
+        self.to_apply(task)
     }
+
+    /// Queues a task for the apply thread.
+    fn to_apply(&self, task: ApplyTask) -> Result<()> {
+        self.apply.queued.fetch_add(1, Ordering::AcqRel);
+        self.apply_tx.send(task).map_err(|_| Error::Stopped)
+    }
+}
+
+/// The apply thread: runs each task it is handed, in order.
+fn run_apply_thread(shared: &ApplyShared, rx: Receiver<ApplyTask>) -> Result<()> {
+    while let Ok(task) = rx.recv() {
+        let mut applier = shared.applier.lock().expect("applier lock");
+        let r = applier.run_task(task);
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        drop(applier);
+        r?;
+    }
+    Ok(())
 }
 
 struct Applier {
     id: u64,
     mvcc: Arc<MvccStore>,
-    rx: Receiver<ApplyTask>,
     tx: Sender<Command>,
     waiters: Arc<Waiters>,
     observer: Arc<dyn StateObserver>,
@@ -1112,27 +1163,25 @@ struct Applier {
 }
 
 impl Applier {
-    fn run(&mut self) -> Result<()> {
-        while let Ok(task) = self.rx.recv() {
-            match task {
-                ApplyTask::Entries { entries, rejected } => {
-                    let mut last = None;
-                    for e in entries {
-                        self.apply_one(&e, rejected.contains(&e.index))?;
-                        last = Some(e.index);
-                    }
-                    self.end_round()?;
-                    if let Some(index) = last {
-                        self.applied(index)?;
-                    }
+    fn run_task(&mut self, task: ApplyTask) -> Result<()> {
+        match task {
+            ApplyTask::Entries { entries, rejected } => {
+                let mut last = None;
+                for e in entries {
+                    self.apply_one(&e, rejected.contains(&e.index))?;
+                    last = Some(e.index);
                 }
-                ApplyTask::Snapshot { path, meta, done } => {
-                    let r = self.install(&path, &meta);
-                    let failed = r.as_ref().err().map(|e| Error::Corrupt(e.to_string()));
-                    let _ = done.send(r);
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
+                self.end_round()?;
+                if let Some(index) = last {
+                    self.applied(index)?;
+                }
+            }
+            ApplyTask::Snapshot { path, meta, done } => {
+                let r = self.install(&path, &meta);
+                let failed = r.as_ref().err().map(|e| Error::Corrupt(e.to_string()));
+                let _ = done.send(r);
+                if let Some(e) = failed {
+                    return Err(e);
                 }
             }
         }
