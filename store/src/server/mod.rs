@@ -112,7 +112,6 @@ use pontoon_proto::etcdserverpb::cluster_server::ClusterServer;
 use pontoon_proto::etcdserverpb::kv_server::KvServer;
 use pontoon_proto::etcdserverpb::lease_server::LeaseServer;
 use pontoon_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use pontoon_proto::etcdserverpb::watch_server::WatchServer;
 use pontoon_proto::etcdserverpb::ResponseHeader;
 use pontoon_proto::etcdserverpb::{AlarmRequest, AlarmType, Member};
 use pontoon_proto::internal::internal_request::Request as InternalOp;
@@ -686,13 +685,14 @@ pub async fn run(cfg: StoreConfig, shutdown: impl Future<Output = ()>) -> Result
         let kv = KvServer::new(kv::KvService::new(server.clone()))
             .max_decoding_message_size(cfg.max_request_bytes + GRPC_OVERHEAD_BYTES)
             .max_encoding_message_size(usize::MAX);
-        let watch = WatchServer::new(watch::WatchService::new(
-            server.clone(),
-            hub.clone(),
-            cfg.watch_progress_notify_interval,
-        ))
-        .max_decoding_message_size(cfg.max_request_bytes + GRPC_OVERHEAD_BYTES)
-        .max_encoding_message_size(usize::MAX);
+        let watch = watch::WatchGrpc::new(
+            watch::WatchService::new(
+                server.clone(),
+                hub.clone(),
+                cfg.watch_progress_notify_interval,
+            ),
+            cfg.max_request_bytes + GRPC_OVERHEAD_BYTES,
+        );
         let lease = LeaseServer::new(lease::LeaseService::new(server.clone(), lessor.clone()))
             .max_decoding_message_size(cfg.max_request_bytes + GRPC_OVERHEAD_BYTES);
         let lock = LockServer::new(lock::LockService::new(server.clone()));

@@ -12,29 +12,39 @@
 //! `compact_revision` when a watcher's position was compacted; progress notifications
 //! (`watch_id` of the watcher, or -1 for a stream-wide `RequestProgress`) carrying a
 //! revision all the stream's watchers have seen everything up to.
+//!
+//! Responses travel in wire form: the stream task encodes each response itself, and
+//! an event response is the watcher's own header and watch ID followed by events
+//! encoded once for every watcher (`crate::watch`, "Events are encoded once"). The
+//! gRPC service is therefore written here rather than generated ([`WatchGrpc`]): the
+//! generated one takes `WatchResponse` structs and encodes each again.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{http, Body, BoxFuture, StdError};
+use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use pontoon_proto::authpb::permission::Type as PermType;
 use pontoon_proto::etcdserverpb::watch_create_request::FilterType;
 use pontoon_proto::etcdserverpb::watch_request::RequestUnion;
-use pontoon_proto::etcdserverpb::watch_server::Watch;
 use pontoon_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
-use pontoon_proto::mvccpb::{event::EventType, Event};
 
 use super::auth::Credentials;
 use super::EtcdServer;
 use crate::auth::AuthInfo;
 use crate::error::Error;
 use crate::mvcc::{Change, KeySpan};
-use crate::watch::WatchHub;
+use crate::watch::{event_field, WatchHub};
 
 /// Changes read from history per step, so a far-behind watcher is caught up in
 /// bounded memory.
@@ -46,6 +56,9 @@ const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream
 /// etcd's cancel reason for a watch the user may not read (a gRPC error's text).
 const PERMISSION_DENIED: &str =
     "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
+
+/// Encoded `WatchResponse`s, as a stream task sends them.
+type WireStream = ReceiverStream<Result<Bytes, Status>>;
 
 pub struct WatchService {
     server: Arc<EtcdServer>,
@@ -61,16 +74,9 @@ impl WatchService {
             progress_interval,
         }
     }
-}
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
-
-    async fn watch(
-        &self,
-        req: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    /// Starts a watch stream's task; its responses, encoded, are the returned stream.
+    fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Response<WireStream> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStream {
             creds: self.server.credentials(&req),
@@ -82,8 +88,110 @@ impl Watch for WatchService {
             progress_requested: false,
         };
         tokio::spawn(stream.run(req.into_inner(), self.progress_interval));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Response::new(ReceiverStream::new(rx))
     }
+}
+
+/// The `etcdserverpb.Watch` gRPC service over [`WatchService`]: what tonic would
+/// generate, with a codec that sends already-encoded responses as they are.
+#[derive(Clone)]
+pub struct WatchGrpc {
+    inner: Arc<WatchService>,
+    max_decoding_message_size: usize,
+}
+
+impl WatchGrpc {
+    pub fn new(inner: WatchService, max_decoding_message_size: usize) -> Self {
+        WatchGrpc {
+            inner: Arc::new(inner),
+            max_decoding_message_size,
+        }
+    }
+}
+
+impl NamedService for WatchGrpc {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+struct WatchMethod(Arc<WatchService>);
+
+impl StreamingService<WatchRequest> for WatchMethod {
+    type Response = Bytes;
+    type ResponseStream = WireStream;
+    type Future = BoxFuture<Response<WireStream>, Status>;
+
+    fn call(&mut self, req: Request<Streaming<WatchRequest>>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { Ok(inner.watch(req)) })
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for WatchGrpc
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let method = WatchMethod(self.inner.clone());
+        let mut grpc = Grpc::new(WireCodec)
+            .apply_max_message_size_config(Some(self.max_decoding_message_size), None);
+        Box::pin(async move { Ok(grpc.streaming(method, req).await) })
+    }
+}
+
+/// Decodes `WatchRequest`s as tonic's prost codec does; encodes by copying bytes that
+/// are already a `WatchResponse`.
+struct WireCodec;
+
+impl Codec for WireCodec {
+    type Encode = Bytes;
+    type Decode = WatchRequest;
+    type Encoder = WireEncoder;
+    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
+
+    fn encoder(&mut self) -> WireEncoder {
+        WireEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct WireEncoder;
+
+impl Encoder for WireEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+/// An event response in wire form: `head` (header, watch ID, fragment flag; no
+/// events) followed by encoded `events` fields.
+fn events_response(head: &WatchResponse, events: &[Bytes]) -> Bytes {
+    let len = head.encoded_len() + events.iter().map(Bytes::len).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(len);
+    head.encode(&mut buf)
+        .expect("the buffer was sized for the response");
+    for ev in events {
+        buf.put_slice(ev);
+    }
+    buf.freeze()
 }
 
 struct Watcher {
@@ -108,18 +216,6 @@ impl Watcher {
         }
         self.span.contains(&c.kv.key)
     }
-
-    fn event(&self, c: &Change) -> Event {
-        Event {
-            r#type: if c.tombstone {
-                EventType::Delete as i32
-            } else {
-                EventType::Put as i32
-            },
-            kv: Some(c.kv.clone()),
-            prev_kv: if self.prev_kv { c.prev.clone() } else { None },
-        }
-    }
 }
 
 /// The client went away; stop the stream.
@@ -130,7 +226,7 @@ struct WatchStream {
     creds: Credentials,
     server: Arc<EtcdServer>,
     hub: Arc<WatchHub>,
-    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
     progress_requested: bool,
@@ -170,6 +266,10 @@ impl WatchStream {
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), Closed> {
+        self.send_wire(resp.encode_to_vec().into()).await
+    }
+
+    async fn send_wire(&self, resp: Bytes) -> Result<(), Closed> {
         self.tx.send(Ok(resp)).await.map_err(|_| Closed)
     }
 
@@ -320,11 +420,11 @@ impl WatchStream {
             Some(Err(e)) => Err(e),
             Some(Ok(revs)) => {
                 let upto = revs.last().map_or(target, |p| p.rev);
-                let events: Vec<Event> = revs
+                let events: Vec<Bytes> = revs
                     .iter()
-                    .flat_map(|p| p.changes.iter())
-                    .filter(|c| w.wants(c))
-                    .map(|c| w.event(c))
+                    .flat_map(|p| p.changes.iter().zip(p.wire_events(w.prev_kv)))
+                    .filter(|(c, _)| w.wants(c))
+                    .map(|(_, ev)| ev.clone())
                     .collect();
                 Ok((events, upto))
             }
@@ -337,7 +437,7 @@ impl WatchStream {
                         let events = changes
                             .iter()
                             .filter(|c| w.wants(c))
-                            .map(|c| w.event(c))
+                            .map(|c| event_field(c, w.prev_kv))
                             .collect();
                         (events, upto)
                     })
@@ -380,14 +480,13 @@ impl WatchStream {
             w.next_rev = upto + 1;
         }
         if !events.is_empty() {
-            let mut r = self.response(id, upto);
-            r.events = events;
+            let head = self.response(id, upto);
             if fragment {
-                for part in split_fragments(r, self.server.max_request_bytes) {
-                    self.send(part).await?;
+                for part in split_fragments(head, &events, self.server.max_request_bytes) {
+                    self.send_wire(part).await?;
                 }
             } else {
-                self.send(r).await?;
+                self.send_wire(events_response(&head, &events)).await?;
             }
         }
         Ok(true)
@@ -447,66 +546,115 @@ impl WatchStream {
     }
 }
 
-/// Splits a response whose encoding exceeds `limit` into fragments: every part but the
-/// last has `fragment` set; each part has at least one event.
-fn split_fragments(resp: WatchResponse, limit: usize) -> Vec<WatchResponse> {
-    if resp.encoded_len() <= limit || resp.events.len() <= 1 {
-        return vec![resp];
+/// An event response for `head`'s watcher whose encoding would exceed `limit`, split
+/// into fragments: every part but the last has `fragment` set; each part has at least
+/// one event.
+fn split_fragments(head: WatchResponse, events: &[Bytes], limit: usize) -> Vec<Bytes> {
+    let total = head.encoded_len() + events.iter().map(Bytes::len).sum::<usize>();
+    if total <= limit || events.len() <= 1 {
+        return vec![events_response(&head, events)];
     }
-    let base = WatchResponse {
-        events: Vec::new(),
-        ..resp.clone()
+    let part_head = WatchResponse {
+        fragment: true,
+        ..head.clone()
     };
-    let overhead = base.encoded_len();
+    let overhead = part_head.encoded_len();
     let mut parts = Vec::new();
-    let mut current = base.clone();
-    let mut size = overhead;
-    for ev in resp.events {
-        let ev_size = ev.encoded_len() + 4;
-        if !current.events.is_empty() && size + ev_size > limit {
-            current.fragment = true;
-            parts.push(std::mem::replace(&mut current, base.clone()));
-            size = overhead;
+    let (mut start, mut size) = (0, overhead);
+    for (i, ev) in events.iter().enumerate() {
+        if i > start && size + ev.len() > limit {
+            parts.push(events_response(&part_head, &events[start..i]));
+            (start, size) = (i, overhead);
         }
-        size += ev_size;
-        current.events.push(ev);
+        size += ev.len();
     }
-    parts.push(current);
+    parts.push(events_response(&head, &events[start..]));
     parts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pontoon_proto::mvccpb::KeyValue;
+    use crate::mvcc::Revision;
+    use crate::watch::event;
+    use pontoon_proto::etcdserverpb::ResponseHeader;
+    use pontoon_proto::mvccpb::{Event, KeyValue};
+
+    fn kv(key: &str, rev: i64, value_len: usize) -> KeyValue {
+        KeyValue {
+            key: key.as_bytes().to_vec(),
+            create_revision: 2,
+            mod_revision: rev,
+            version: rev - 1,
+            value: vec![7; value_len],
+            lease: 0,
+        }
+    }
+
+    fn changes() -> Vec<Change> {
+        (0..10)
+            .map(|i| Change {
+                rev: Revision::new(5, i),
+                kv: kv(&format!("k{i}"), 5, 100),
+                tombstone: i % 3 == 2,
+                prev: (i % 2 == 0).then(|| kv(&format!("k{i}"), 4, 50)),
+            })
+            .collect()
+    }
+
+    fn head(watch_id: i64) -> WatchResponse {
+        WatchResponse {
+            header: Some(ResponseHeader {
+                cluster_id: 1,
+                member_id: 2,
+                revision: 5,
+                raft_term: 3,
+            }),
+            watch_id,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn event_responses_are_what_prost_encodes() {
+        for prev_kv in [false, true] {
+            for watch_id in [0, 3] {
+                let changes = changes();
+                let wire: Vec<Bytes> = changes.iter().map(|c| event_field(c, prev_kv)).collect();
+                let expected = WatchResponse {
+                    events: changes.iter().map(|c| event(c, prev_kv)).collect(),
+                    ..head(watch_id)
+                };
+                assert_eq!(
+                    events_response(&head(watch_id), &wire),
+                    expected.encode_to_vec(),
+                    "prev_kv {prev_kv}, watch_id {watch_id}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn fragments_keep_every_event_in_order() {
-        let events: Vec<Event> = (0..10)
-            .map(|i| Event {
-                r#type: 0,
-                kv: Some(KeyValue {
-                    key: format!("k{i}").into_bytes(),
-                    value: vec![0; 100],
-                    ..Default::default()
-                }),
-                prev_kv: None,
-            })
+        let changes = changes();
+        let wire: Vec<Bytes> = changes.iter().map(|c| event_field(c, true)).collect();
+        let events: Vec<Event> = changes.iter().map(|c| event(c, true)).collect();
+        let limit = 350;
+        let parts: Vec<WatchResponse> = split_fragments(head(3), &wire, limit)
+            .iter()
+            .map(|b| WatchResponse::decode(&b[..]).unwrap())
             .collect();
-        let resp = WatchResponse {
-            watch_id: 3,
-            events: events.clone(),
-            ..Default::default()
-        };
-        let parts = split_fragments(resp.clone(), 350);
         assert!(parts.len() > 1);
         assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
         assert!(!parts.last().unwrap().fragment);
         assert!(parts
             .iter()
-            .all(|p| p.watch_id == 3 && !p.events.is_empty()));
+            .all(|p| p.watch_id == 3 && !p.events.is_empty() && p.header == head(3).header));
+        assert!(parts
+            .iter()
+            .all(|p| p.events.len() == 1 || p.encoded_len() <= limit));
         let rejoined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
         assert_eq!(rejoined, events);
-        assert_eq!(split_fragments(resp, 1 << 20).len(), 1);
+        assert_eq!(split_fragments(head(3), &wire, 1 << 20).len(), 1);
     }
 }

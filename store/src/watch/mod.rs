@@ -15,22 +15,85 @@
 //!
 //! Invariant: the ring holds every revision in `ring_start..=published`, contiguously,
 //! and everything at or below `published` is already in the store.
+//!
+//! **Events are encoded once.** A revision's changes are encoded as `events` fields of
+//! a `WatchResponse` ([`Published::wire_events`]) by the first watcher that needs them
+//! and shared by every other: a thousand watchers of one key cost one encoding of each
+//! event, and each watcher's response is its own header and watch ID followed by the
+//! shared bytes.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
 use tokio::sync::watch;
+
+use pontoon_proto::mvccpb::{event::EventType, Event};
 
 use crate::mvcc::Change;
 
 /// Revisions kept in memory for watchers that are keeping up.
 pub const RING_REVISIONS: usize = 8192;
 
+/// The key of a `WatchResponse`'s `events` field (number 11, length-delimited), the
+/// last field of the message: an encoded response is its other fields followed by its
+/// events.
+pub const EVENTS_FIELD_KEY: u8 = (11 << 3) | 2;
+
+/// A change as a watcher sees it, with the value it replaced if asked for.
+pub fn event(c: &Change, prev_kv: bool) -> Event {
+    Event {
+        r#type: if c.tombstone {
+            EventType::Delete as i32
+        } else {
+            EventType::Put as i32
+        },
+        kv: Some(c.kv.clone()),
+        prev_kv: if prev_kv { c.prev.clone() } else { None },
+    }
+}
+
+/// A change encoded as one `events` field of a `WatchResponse`: key, length, `Event`.
+pub fn event_field(c: &Change, prev_kv: bool) -> Bytes {
+    let ev = event(c, prev_kv);
+    let len = ev.encoded_len();
+    let mut buf = BytesMut::with_capacity(1 + prost::length_delimiter_len(len) + len);
+    buf.put_u8(EVENTS_FIELD_KEY);
+    ev.encode_length_delimited(&mut buf)
+        .expect("the buffer was sized for the event");
+    buf.freeze()
+}
+
 /// The changes of one revision.
 #[derive(Debug)]
 pub struct Published {
     pub rev: i64,
     pub changes: Vec<Change>,
+    /// `changes` as encoded `events` fields ([`event_field`]), without and with
+    /// `prev_kv`; each encoded when a watcher first needs it.
+    wire: [OnceLock<Vec<Bytes>>; 2],
+}
+
+impl Published {
+    pub fn new(rev: i64, changes: Vec<Change>) -> Self {
+        Published {
+            rev,
+            changes,
+            wire: Default::default(),
+        }
+    }
+
+    /// Each change as an encoded `events` field, in order: encoded once, shared by
+    /// every watcher.
+    pub fn wire_events(&self, prev_kv: bool) -> &[Bytes] {
+        self.wire[usize::from(prev_kv)].get_or_init(|| {
+            self.changes
+                .iter()
+                .map(|c| event_field(c, prev_kv))
+                .collect()
+        })
+    }
 }
 
 struct Ring {
@@ -72,7 +135,7 @@ impl WatchHub {
             if ring.revs.is_empty() {
                 ring.start = rev;
             }
-            ring.revs.push_back(Arc::new(Published { rev, changes }));
+            ring.revs.push_back(Arc::new(Published::new(rev, changes)));
             while ring.revs.len() > self.capacity {
                 ring.revs.pop_front();
                 ring.start = ring.revs.front().map_or(rev + 1, |p| p.rev);
