@@ -8,7 +8,8 @@
 //!   processes one Ready in the order raft-rs's crate docs give: send messages, hand
 //!   committed entries to the apply thread, append new entries and the hard state to
 //!   the WAL and **fsync once** (group commit: every proposal of the round shares the
-//!   fsync), send persisted messages, advance;
+//!   fsync; none when the Ready only moves the commit index), send persisted
+//!   messages, advance;
 //! - the **apply thread** applies committed entries to the MVCC store in log order and
 //!   completes each proposal's waiter with the result. It also decides when the state
 //!   machine is durable enough for the raft log to be truncated.
@@ -988,7 +989,14 @@ impl Driver {
             self.raw.mut_store().set_hard_state(hs.clone())?;
         }
         // Group commit: one fsync covers every entry and the hard state of this Ready.
-        self.raw.mut_store().sync()?;
+        // A Ready that only moves the commit index does not wait for the disk (raft's
+        // MustSync, as in etcd: entries, term, vote or a snapshot must be durable
+        // before messages that promise them go out; a commit index need not be, since
+        // it is learned again from the leader, and at start-up from the applied
+        // index). Its record is synced with the next Ready that must sync.
+        if ready.must_sync() {
+            self.raw.mut_store().sync()?;
+        }
         for proposed in self.appending.drain(..) {
             METRICS.proposal_stage(Stage::Persisted, proposed.elapsed());
         }
