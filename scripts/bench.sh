@@ -16,7 +16,8 @@
 #            at 256 clients against pontoon-grpc-floor (a gRPC server that answers at
 #            once): the CPU the request path alone costs, for "what limits put c256".
 #   cluster  the same matrix against 3 members on loopback, connections spread over
-#            all three (writes go to followers and leader alike); peak RSS per member.
+#            all three (writes go to followers and leader alike; put c1, one
+#            connection, goes to the leader); peak RSS per member.
 #   memory   fresh single member each: VmHWM/VmRSS after loading LOAD_KEYS keys
 #            (16-byte keys, 256-byte values); then, fresh again, the RSS growth while
 #            IDLE_WATCHERS idle watchers are held open.
@@ -209,7 +210,7 @@ bench() {
   local pids
   pids=$(IFS=,; echo "${SERVER_PIDS[*]}")
   before=$(wal_fsync)
-  if line=$("$BENCH" --endpoints "$ENDPOINTS" --cpu-pids "$pids" "$@" | tail -1) \
+  if line=$("$BENCH" --endpoints "${STEP_ENDPOINTS:-$ENDPOINTS}" --cpu-pids "$pids" "$@" | tail -1) \
       && [[ "$line" == "{"* ]]; then
     after=$(wal_fsync)
     echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":$line,\"fsync_before\":$before,\"fsync_after\":$after}" >> "$RESULTS"
@@ -217,6 +218,18 @@ bench() {
     echo "   failed" >&2
     echo "{\"topo\":\"$topo\",\"target\":\"$target\",\"step\":\"$name\",\"result\":null}" >> "$RESULTS"
   fi
+}
+
+# leader_endpoint: the endpoint of the member that leads, from etcdctl's endpoint
+# status; empty if none answers as leader.
+leader_endpoint() {
+  local ep
+  for ep in ${ENDPOINTS//,/ }; do
+    if ETCDCTL_API=3 etcdctl --endpoints "$ep" --command-timeout=2s endpoint status -w json 2>/dev/null \
+        | python3 -c 'import json, sys; s = json.load(sys.stdin)[0]["Status"]; sys.exit(s["leader"] != s["header"]["member_id"])'; then
+      echo "$ep"; return
+    fi
+  done
 }
 
 # matrix TOPO MEMBERS
@@ -227,8 +240,14 @@ matrix() {
     start "$target" "$n"
     for step in "${steps[@]}"; do
       name="${step%%|*}"; args="${step#*|}"
+      # One client has one connection: give both servers the same path, the leader's.
+      STEP_ENDPOINTS=""
+      if ((n > 1)) && [[ "$name" == "put c1" ]]; then
+        STEP_ENDPOINTS=$(leader_endpoint)
+      fi
       # shellcheck disable=SC2086
       bench "$topo" "$target" "$name" --duration "$SECS" $args
+      STEP_ENDPOINTS=""
     done
     hwm=""
     for p in "${SERVER_PIDS[@]}"; do hwm+="${hwm:+,}$(status_kb "$p" VmHWM)"; done
@@ -396,8 +415,9 @@ for topo, title in (("single", "Single member"), ("cluster", "3 members on loopb
                      "falls short of the offered one, server or load generator (same CPUs) "
                      "saturated and the delivery latency includes queueing.")
     if topo == "cluster":
-        notes.insert(0, "Connections go round-robin to the members, so put c1 (one "
-                     "connection) talks to the first member only, leader or not.")
+        notes.insert(0, "Connections go round-robin to the members; put c1 (one "
+                     "connection) talks to the leader of each cluster, so both are measured "
+                     "on the same path (a follower adds the forward to the leader).")
     for n in notes:
         print(f"- {n}")
     fsync_rows = []
