@@ -1121,10 +1121,9 @@ impl Driver {
         self.status
             .proposals_committed
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        let small = entries.len() <= INLINE_ENTRIES;
         let task = ApplyTask::Entries { entries, rejected };
-        if matches!(&task, ApplyTask::Entries { entries, .. } if entries.len() <= INLINE_ENTRIES)
-            && self.apply.queued.load(Ordering::Acquire) == 0
-        {
+        if small && self.apply.queued.load(Ordering::Acquire) == 0 {
             if let Ok(mut applier) = self.apply.applier.try_lock() {
                 // Checked again under the lock: the apply thread takes it for every
                 // task it has received, and counts a task done before letting go.

@@ -550,9 +550,9 @@ impl WatchStream {
 /// into fragments: every part but the last has `fragment` set; each part has at least
 /// one event.
 fn split_fragments(head: WatchResponse, events: &[Bytes], limit: usize) -> Vec<Bytes> {
-    let total = head.encoded_len() + events.iter().map(Bytes::len).sum::<usize>();
-    if total <= limit || events.len() <= 1 {
-        return vec![events_response(&head, events)];
+    let whole = events_response(&head, events);
+    if whole.len() <= limit || events.len() <= 1 {
+        return vec![whole];
     }
     let part_head = WatchResponse {
         fragment: true,
