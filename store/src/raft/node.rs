@@ -75,7 +75,7 @@ pub trait StateObserver: Send + Sync {
 
 /// Entries kept in the log after truncation, so a briefly lagging follower can catch
 /// up without a snapshot (etcd keeps the same number). Never more than the snapshot
-/// count: each truncation rewrites the kept entries.
+/// count, so every truncation drops entries.
 const CATCH_UP_ENTRIES: u64 = 5000;
 /// The most log entries reserved in memory up front (about 30 MiB of `Entry`
 /// structs; their data is allocated separately as entries arrive).
