@@ -566,6 +566,64 @@ async fn compaction() {
     );
 }
 
+/// Reads key `k` at each revision of `history` and checks its value (`None`: absent).
+async fn read_history(c: &mut etcd_client::Client, history: &[(i64, Option<String>)]) {
+    for (rev, want) in history {
+        let r = c
+            .get("k", Some(GetOptions::new().with_revision(*rev)))
+            .await
+            .unwrap();
+        let got = r
+            .kvs()
+            .first()
+            .map(|kv| kv.value_str().unwrap().to_string());
+        assert_eq!(&got, want, "k at revision {rev}");
+        if let Some(kv) = r.kvs().first() {
+            assert_eq!(kv.mod_revision(), *rev);
+        }
+    }
+}
+
+/// A key written far more often than an index record holds (`key_index::HEAD_MAX`
+/// changes; older ones are sealed into history chunks): every revision of it reads
+/// back, with a delete and a re-create in the middle, before and after a compaction.
+#[tokio::test]
+async fn a_long_key_history_reads_back_at_every_revision() {
+    let m = Member::start(Target::Pontoon);
+    let mut c = m.client().await;
+    let mut history = Vec::new(); // (revision, value or None for deleted)
+    for i in 0..150 {
+        let rev = if i == 70 {
+            let r = c.delete("k", None).await.unwrap();
+            history.push((r.header().unwrap().revision(), None));
+            continue;
+        } else {
+            let r = c.put("k", format!("v{i}"), None).await.unwrap();
+            r.header().unwrap().revision()
+        };
+        history.push((rev, Some(format!("v{i}"))));
+        // Another key between, so revisions of "k" are not contiguous.
+        c.put("other", "x", None).await.unwrap();
+    }
+    read_history(&mut c, &history).await;
+    // The first generation ended with the delete: the re-created key starts over.
+    let now = c.get("k", None).await.unwrap();
+    assert_eq!(now.kvs()[0].version(), 150 - 71);
+    let (mid, _) = history[100];
+    c.compact(mid, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    read_history(&mut c, &history[100..]).await;
+    let e = c
+        .get("k", Some(GetOptions::new().with_revision(mid - 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        grpc_status(&e).1,
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+}
+
 #[tokio::test]
 async fn bad_input_gets_etcd_errors_and_server_keeps_serving() {
     let m = Member::start(Target::Pontoon);
