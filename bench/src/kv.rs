@@ -114,6 +114,18 @@ pub(crate) async fn run_kv(args: &Args, conns: &[Client]) -> anyhow::Result<Summ
         eprintln!("preloading {} keys...", args.key_space);
         preload(args, conns).await?;
     }
+    if args.warmup > 0 && args.duration.is_some() && !load {
+        let mut warm = args.clone();
+        warm.duration = Some(args.warmup);
+        warm.slow_ms = 0;
+        measure(&warm, conns, "warm-up").await?;
+    }
+    measure(args, conns, &args.workload).await
+}
+
+/// One pass of the workload: the measured phase, or a warm-up whose result is dropped.
+async fn measure(args: &Args, conns: &[Client], label: &str) -> anyhow::Result<Summary> {
+    let load = args.workload == "load";
     let clients = args.clients.max(1);
     let mut ctl = Ctl::new(
         args,
@@ -124,7 +136,7 @@ pub(crate) async fn run_kv(args: &Args, conns: &[Client]) -> anyhow::Result<Summ
     ctl.deadline = args.duration.map(|s| started + Duration::from_secs(s));
     let ctl = Arc::new(ctl);
     let progress = Progress::start(ProgressSpec {
-        label: args.workload.clone(),
+        label: label.to_string(),
         unit: "req",
         count: ctl.completed.clone(),
         errors: ctl.errors.clone(),

@@ -133,6 +133,11 @@ struct Args {
     /// up with server logs and traces. 0: off.
     #[arg(long, default_value_t = 0)]
     slow_ms: u64,
+    /// KV workloads with --duration: run this many seconds on the same connections
+    /// first, neither counted nor recorded (the first requests on new connections
+    /// are slow for any server). 0: none.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
 }
 
 /// CPU seconds (user + system) process `pid` ("self" for this one) has used, from
