@@ -63,6 +63,10 @@ struct Args {
     /// Where to write history.jsonl, results.txt and timeline.svg.
     #[arg(long, default_value = "jepsen-report")]
     report: PathBuf,
+    /// An extra flag for every member, repeatable: `--server-arg=--snapshot-count
+    /// --server-arg=500` makes raft log truncation happen during the run.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 fn default_binary() -> PathBuf {
@@ -106,7 +110,7 @@ fn main() {
         seed: a.seed,
         check_budget: Duration::from_secs(a.check_budget),
         report_dir: a.report,
-        server_args: Vec::new(),
+        server_args: a.server_args,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = match rt.block_on(run(cfg)) {
