@@ -27,9 +27,9 @@ pub(crate) fn drop_off_thread<T: Send + 'static>(garbage: T) {
 /// 19), so on a busy machine the freeing yields to the threads serving requests
 /// instead of taking a core from them for tens of milliseconds at once.
 pub(crate) fn off_thread(work: impl FnOnce() + Send + 'static) {
+    use std::sync::mpsc::Sender;
     type Work = Box<dyn FnOnce() + Send>;
-    static HELPER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<Work>>>> =
-        std::sync::OnceLock::new();
+    static HELPER: std::sync::OnceLock<Option<Sender<Work>>> = std::sync::OnceLock::new();
     let helper = HELPER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let spawned = std::thread::Builder::new()
@@ -43,7 +43,7 @@ pub(crate) fn off_thread(work: impl FnOnce() + Send + 'static) {
                 rx.into_iter().for_each(|work| work())
             });
         match spawned {
-            Ok(_) => Some(std::sync::Mutex::new(tx)),
+            Ok(_) => Some(tx),
             Err(e) => {
                 tracing::warn!(error = %e, "no helper thread: freeing truncated logs inline");
                 None
@@ -51,17 +51,14 @@ pub(crate) fn off_thread(work: impl FnOnce() + Send + 'static) {
         }
     });
     let work: Work = Box::new(work);
-    let unsent = match helper {
-        Some(tx) => tx
-            .lock()
-            .expect("helper channel lock")
-            .send(work)
-            .err()
-            .map(|e| e.0),
-        None => Some(work),
-    };
-    if let Some(work) = unsent {
-        work();
+    // Without a helper (or if it is gone), the work runs here.
+    match helper {
+        Some(tx) => {
+            if let Err(unsent) = tx.send(work) {
+                (unsent.0)();
+            }
+        }
+        None => work(),
     }
 }
 

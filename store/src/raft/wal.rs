@@ -355,7 +355,7 @@ impl Wal {
     }
 
     /// Removes the oldest closed segments whose entries are all at or before `index`,
-    /// the index of a durable mark. Returns how many were removed.
+    /// the index of a durable mark. Returns how many closed segments it released.
     ///
     /// Each file is unlinked here but its last descriptor is closed on another thread:
     /// that close frees the blocks and the cached pages of a 64 MiB+ file, 40–45 ms
@@ -371,7 +371,12 @@ impl Wal {
             // A removal lost to a crash leaves a segment replay skips over (its
             // entries are all at or before the mark).
             let path = self.dir.join(segment_name(c.seq));
-            open.push(File::open(&path)?);
+            match File::open(&path) {
+                Ok(f) => open.push(f),
+                // Already gone (removed by hand): nothing to free.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
             fs::remove_file(path)?;
         }
         super::drop_off_thread(open);
@@ -877,5 +882,21 @@ mod tests {
             "the hard state survived the release"
         );
         assert_eq!(indexes(&s), vec![(11, 3)]);
+    }
+
+    #[test]
+    fn releasing_a_segment_already_gone_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
+        let mut wal = synced_wal(dir.path(), &ents[..5]);
+        wal.cut(&mark_at(0), &hs(1, 5)).unwrap();
+        wal.append(&ents[5..]).unwrap();
+        fs::remove_file(first_segment(dir.path())).unwrap();
+        wal.mark(&mark_at(6)).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(wal.release(6).unwrap(), 1);
+        drop(wal);
+        let (_, s) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&s), (7..=10).map(|i| (i, 1)).collect::<Vec<_>>());
     }
 }
