@@ -574,6 +574,16 @@ mod tests {
         wal
     }
 
+    /// Opening the WAL in `dir` must fail as corrupt; returns why. `what` names the
+    /// damage in the panic message otherwise.
+    fn open_corrupt(dir: &Path, what: &str) -> String {
+        match Wal::open(dir) {
+            Err(Error::Corrupt(why)) => why,
+            Err(e) => panic!("{what}: unexpected error {e}"),
+            Ok(_) => panic!("{what} was accepted"),
+        }
+    }
+
     fn first_segment(dir: &Path) -> PathBuf {
         segments(dir).unwrap()[0].1.clone()
     }
@@ -733,11 +743,7 @@ mod tests {
             let mut data = good.clone();
             data[at] ^= 0xff;
             fs::write(&path, &data).unwrap();
-            match Wal::open(dir.path()) {
-                Err(Error::Corrupt(_)) => {}
-                Err(e) => panic!("byte {at}: unexpected error {e}"),
-                Ok(_) => panic!("byte {at}: corruption in the middle was accepted"),
-            }
+            open_corrupt(dir.path(), &format!("byte {at}: corruption in the middle"));
         }
     }
 
@@ -848,11 +854,8 @@ mod tests {
         drop(wal);
         // Entries 4-10 are needed (the mark is at 3) and only segment 1 held them.
         fs::remove_file(first_segment(dir.path())).unwrap();
-        match Wal::open(dir.path()) {
-            Err(Error::Corrupt(why)) => assert!(why.contains("missing"), "{why}"),
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(_) => panic!("a log with a hole was accepted"),
-        }
+        let why = open_corrupt(dir.path(), "a log with a hole");
+        assert!(why.contains("missing"), "{why}");
     }
 
     /// A crash right after a cut created the next segment leaves it without its
