@@ -15,9 +15,20 @@
 //!
 //! Responses travel in wire form: the stream task encodes each response itself, and
 //! an event response is the watcher's own header and watch ID followed by events
-//! encoded once for every watcher (`crate::watch`, "Events are encoded once"). The
-//! gRPC service is therefore written here rather than generated ([`WatchGrpc`]): the
-//! generated one takes `WatchResponse` structs and encodes each again.
+//! encoded once for every watcher (`crate::watch`, "Events are encoded once").
+//!
+//! **One chunk per wake-up.** The task frames its responses as gRPC messages itself
+//! (flag byte, length, message) into one buffer, its [`Outbox`], and hands the buffer
+//! to the connection as one chunk when it has done what woke it (or once the buffer
+//! holds [`CHUNK_BYTES`]): a revision seen by a hundred watchers of the stream is one
+//! hand-off and one HTTP/2 write, not a hundred. The header, which every watcher
+//! brought to the same revision shares, is encoded once per wake-up too. The gRPC
+//! service is therefore written here rather than generated ([`WatchGrpc`]): the
+//! generated one takes `WatchResponse` structs, encodes and frames each, and sends each
+//! on its own. Invariants: messages leave in the order they were queued; everything
+//! queued is handed over before the task waits for anything else (a request, a
+//! publication, a timer); the task holds at most [`STREAM_CHUNKS`] chunks the client
+//! has not taken before it waits for the client.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -25,14 +36,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::pin::Pin;
+
 use bytes::{BufMut, Bytes, BytesMut};
+use http_body::Frame;
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body, BoxFuture, StdError};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::{Request, Status, Streaming};
 
 use pontoon_proto::authpb::permission::Type as PermType;
 use pontoon_proto::etcdserverpb::watch_create_request::FilterType;
@@ -41,24 +53,24 @@ use pontoon_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchRespons
 
 use super::auth::Credentials;
 use super::EtcdServer;
-use crate::auth::AuthInfo;
+use crate::auth::{AuthInfo, AuthState};
 use crate::error::Error;
 use crate::mvcc::{Change, KeySpan};
-use crate::watch::{event_field, WatchHub};
+use crate::watch::{event_field, Published, WatchHub};
 
 /// Changes read from history per step, so a far-behind watcher is caught up in
 /// bounded memory.
 const HISTORY_BATCH: usize = 1000;
-/// Responses buffered per stream before the stream task waits for the client.
-const STREAM_BUFFER: usize = 128;
+/// Bytes of framed responses a stream task gathers before handing them over.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Chunks handed over but not yet taken by the connection before the stream task
+/// waits for the client.
+pub const STREAM_CHUNKS: usize = 4;
 
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 /// etcd's cancel reason for a watch the user may not read (a gRPC error's text).
 const PERMISSION_DENIED: &str =
     "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
-
-/// Encoded `WatchResponse`s, as a stream task sends them.
-type WireStream = ReceiverStream<Result<Bytes, Status>>;
 
 pub struct WatchService {
     server: Arc<EtcdServer>,
@@ -75,25 +87,30 @@ impl WatchService {
         }
     }
 
-    /// Starts a watch stream's task; its responses, encoded, are the returned stream.
-    fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Response<WireStream> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    /// Starts a watch stream's task; the returned receiver yields its responses as
+    /// chunks of gRPC-framed messages.
+    fn watch(&self, req: Request<Streaming<WatchRequest>>) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
         let stream = WatchStream {
             creds: self.server.credentials(&req),
             server: self.server.clone(),
             hub: self.hub.clone(),
-            tx,
+            out: Outbox {
+                tx,
+                buf: BytesMut::new(),
+            },
             watchers: BTreeMap::new(),
             next_id: 0,
             progress_requested: false,
         };
         tokio::spawn(stream.run(req.into_inner(), self.progress_interval));
-        Response::new(ReceiverStream::new(rx))
+        rx
     }
 }
 
-/// The `etcdserverpb.Watch` gRPC service over [`WatchService`]: what tonic would
-/// generate, with a codec that sends already-encoded responses as they are.
+/// The `etcdserverpb.Watch` gRPC service over [`WatchService`]: requests are decoded
+/// as tonic's generated service would; responses arrive already framed ([`Outbox`]) and
+/// go out as they are ([`WireBody`]).
 #[derive(Clone)]
 pub struct WatchGrpc {
     inner: Arc<WatchService>,
@@ -113,19 +130,6 @@ impl NamedService for WatchGrpc {
     const NAME: &'static str = "etcdserverpb.Watch";
 }
 
-struct WatchMethod(Arc<WatchService>);
-
-impl StreamingService<WatchRequest> for WatchMethod {
-    type Response = Bytes;
-    type ResponseStream = WireStream;
-    type Future = BoxFuture<Response<WireStream>, Status>;
-
-    fn call(&mut self, req: Request<Streaming<WatchRequest>>) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { Ok(inner.watch(req)) })
-    }
-}
-
 impl<B> tower_service::Service<http::Request<B>> for WatchGrpc
 where
     B: Body + Send + 'static,
@@ -143,41 +147,145 @@ where
         if req.uri().path() != "/etcdserverpb.Watch/Watch" {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let method = WatchMethod(self.inner.clone());
-        let mut grpc = Grpc::new(WireCodec)
-            .apply_max_message_size_config(Some(self.max_decoding_message_size), None);
-        Box::pin(async move { Ok(grpc.streaming(method, req).await) })
+        // Pontoon accepts no compressed requests (as tonic without compression).
+        if let Some(enc) = req.headers().get("grpc-encoding") {
+            if enc.as_bytes() != b"identity" {
+                let status = Status::unimplemented(format!(
+                    "Content is compressed with `{}` which isn't supported",
+                    String::from_utf8_lossy(enc.as_bytes())
+                ));
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        }
+        let max = self.max_decoding_message_size;
+        let req = Request::from_http(req.map(|body| {
+            Streaming::new_request(
+                tonic_prost::ProstDecoder::<WatchRequest>::default(),
+                body,
+                None,
+                Some(max),
+            )
+        }));
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut resp = http::Response::new(tonic::body::Body::new(WireBody {
+                rx: inner.watch(req),
+                done: false,
+            }));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok(resp)
+        })
     }
 }
 
-/// Decodes `WatchRequest`s as tonic's prost codec does; encodes by copying bytes that
-/// are already a `WatchResponse`.
-struct WireCodec;
-
-impl Codec for WireCodec {
-    type Encode = Bytes;
-    type Decode = WatchRequest;
-    type Encoder = WireEncoder;
-    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
-
-    fn encoder(&mut self) -> WireEncoder {
-        WireEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
+/// A watch stream's response body: the stream task's chunks as data frames, then the
+/// trailers of a stream that ended well (`grpc-status: 0`) once the task is done.
+struct WireBody {
+    rx: mpsc::Receiver<Bytes>,
+    done: bool,
 }
 
-struct WireEncoder;
-
-impl Encoder for WireEncoder {
-    type Item = Bytes;
+impl Body for WireBody {
+    type Data = Bytes;
     type Error = Status;
 
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            Poll::Ready(None) => {
+                self.done = true;
+                let mut trailers = http::HeaderMap::with_capacity(1);
+                let ok = Status::ok("").add_header(&mut trailers).map(|()| trailers);
+                Poll::Ready(Some(ok.map(Frame::trailers)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// A stream's responses, framed, on their way to the connection (module note, "One
+/// chunk per wake-up").
+struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+}
+
+impl Outbox {
+    /// Frames and queues a response.
+    fn push(&mut self, resp: &WatchResponse) {
+        self.frame(resp.encoded_len());
+        resp.encode(&mut self.buf)
+            .expect("a BytesMut grows to fit the message");
+    }
+
+    /// Queues a response already encoded.
+    fn push_wire(&mut self, msg: &[u8]) {
+        self.frame(msg.len());
+        self.buf.put_slice(msg);
+    }
+
+    /// Queues an event response: `head` (an encoded `WatchResponse` holding only its
+    /// header), the watch ID, then the events; what prost would encode for the same
+    /// response (field order 1, 2, 11).
+    fn push_events<'a>(
+        &mut self,
+        head: &[u8],
+        watch_id: i64,
+        events: impl Iterator<Item = &'a Bytes> + Clone,
+    ) {
+        let id_len = if watch_id == 0 {
+            0
+        } else {
+            1 + prost::encoding::encoded_len_varint(watch_id as u64)
+        };
+        let len = head.len() + id_len + events.clone().map(Bytes::len).sum::<usize>();
+        self.frame(len);
+        self.buf.put_slice(head);
+        if watch_id != 0 {
+            prost::encoding::int64::encode(2, &watch_id, &mut self.buf);
+        }
+        for ev in events {
+            self.buf.put_slice(ev);
+        }
+    }
+
+    /// A gRPC message's prefix: not compressed, then the length.
+    fn frame(&mut self, len: usize) {
+        self.buf.reserve(5 + len);
+        self.buf.put_u8(0);
+        self.buf
+            .put_u32(u32::try_from(len).expect("a watch response is under 4 GiB"));
+    }
+
+    /// Hands what is queued to the connection once it holds a chunk's worth.
+    async fn maybe_flush(&mut self) -> Result<(), Closed> {
+        if self.buf.len() >= CHUNK_BYTES {
+            self.flush().await?;
+        }
         Ok(())
+    }
+
+    /// Hands everything queued to the connection, waiting while the client is
+    /// [`STREAM_CHUNKS`] behind.
+    async fn flush(&mut self) -> Result<(), Closed> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.tx.send(chunk).await.map_err(|_| Closed)
     }
 }
 
@@ -192,6 +300,51 @@ fn events_response(head: &WatchResponse, events: &[Bytes]) -> Bytes {
         buf.put_slice(ev);
     }
     buf.freeze()
+}
+
+/// What the watchers of one stream share within one wake-up: computed for the first
+/// watcher that needs it, reused by the others at the same position.
+#[derive(Default)]
+struct Shared {
+    /// The ring's revisions `from..=to`.
+    recent: Option<Arc<Recent>>,
+    /// An encoded `WatchResponse` holding only the header for a revision.
+    head: Option<(i64, Vec<u8>)>,
+    auth: Option<Arc<AuthState>>,
+}
+
+struct Recent {
+    from: i64,
+    to: i64,
+    revs: Vec<Arc<Published>>,
+}
+
+impl Shared {
+    fn auth(&mut self, server: &EtcdServer) -> &AuthState {
+        self.auth.get_or_insert_with(|| server.mvcc.auth())
+    }
+
+    fn head(&mut self, revision: i64, server: &EtcdServer) -> &[u8] {
+        if self.head.as_ref().is_none_or(|(rev, _)| *rev != revision) {
+            let head = WatchResponse {
+                header: Some(server.header(revision)),
+                ..Default::default()
+            };
+            self.head = Some((revision, head.encode_to_vec()));
+        }
+        &self.head.as_ref().expect("set above").1
+    }
+}
+
+/// The encoded events of `revs` that watcher `w` wants, in order.
+fn wanted<'a>(
+    revs: &'a [Arc<Published>],
+    w: &'a Watcher,
+) -> impl Iterator<Item = &'a Bytes> + Clone + 'a {
+    revs.iter()
+        .flat_map(move |p| p.changes.iter().zip(p.wire_events(w.prev_kv)))
+        .filter(move |(c, _)| w.wants(c))
+        .map(|(_, ev)| ev)
 }
 
 struct Watcher {
@@ -226,7 +379,7 @@ struct WatchStream {
     creds: Credentials,
     server: Arc<EtcdServer>,
     hub: Arc<WatchHub>,
-    tx: mpsc::Sender<Result<Bytes, Status>>,
+    out: Outbox,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
     progress_requested: bool,
@@ -238,7 +391,7 @@ impl WatchStream {
         let mut progress = tokio::time::interval(progress_interval);
         progress.tick().await;
         loop {
-            if self.deliver().await.is_err() {
+            if self.deliver().await.is_err() || self.out.flush().await.is_err() {
                 return;
             }
             tokio::select! {
@@ -265,12 +418,10 @@ impl WatchStream {
         }
     }
 
-    async fn send(&self, resp: WatchResponse) -> Result<(), Closed> {
-        self.send_wire(resp.encode_to_vec().into()).await
-    }
-
-    async fn send_wire(&self, resp: Bytes) -> Result<(), Closed> {
-        self.tx.send(Ok(resp)).await.map_err(|_| Closed)
+    /// Queues a response; it leaves with the rest of this wake-up's.
+    async fn send(&mut self, resp: WatchResponse) -> Result<(), Closed> {
+        self.out.push(&resp);
+        self.out.maybe_flush().await
     }
 
     fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
@@ -382,6 +533,7 @@ impl WatchStream {
     /// Brings every watcher up to the published revision.
     async fn deliver(&mut self) -> Result<(), Closed> {
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
+        let mut shared = Shared::default();
         for id in ids {
             loop {
                 let target = self.hub.published();
@@ -391,7 +543,7 @@ impl WatchStream {
                 if w.next_rev > target {
                     break;
                 }
-                if !self.step(id, target).await? {
+                if !self.step(id, target, &mut shared).await? {
                     break;
                 }
             }
@@ -405,99 +557,151 @@ impl WatchStream {
     }
 
     /// Sends one batch of revisions to watcher `id`. Returns false if the watcher is
-    /// gone (canceled for compaction).
-    async fn step(&mut self, id: i64, target: i64) -> Result<bool, Closed> {
-        let w = &self.watchers[&id];
-        let from = w.next_rev;
+    /// gone (canceled for compaction or lost permission).
+    async fn step(&mut self, id: i64, target: i64, shared: &mut Shared) -> Result<bool, Closed> {
+        let from = self.watchers[&id].next_rev;
         // As in etcd, a position below the compacted revision is canceled even if the
         // events are still at hand.
-        let compacted = if from < self.server.mvcc.compact_revision() {
-            Some(Err(Error::Compacted))
-        } else {
-            None
-        };
-        let batch = match compacted.or_else(|| self.hub.recent(from, target).map(Ok)) {
-            Some(Err(e)) => Err(e),
-            Some(Ok(revs)) => {
-                let upto = revs.last().map_or(target, |p| p.rev);
-                let events: Vec<Bytes> = revs
-                    .iter()
-                    .flat_map(|p| p.changes.iter().zip(p.wire_events(w.prev_kv)))
-                    .filter(|(c, _)| w.wants(c))
-                    .map(|(_, ev)| ev.clone())
-                    .collect();
-                Ok((events, upto))
-            }
-            None => {
-                let to = target.min(self.hub.ring_start() - 1);
-                self.server
-                    .mvcc
-                    .changes_between(from, to, HISTORY_BATCH, w.prev_kv)
-                    .map(|(changes, upto)| {
-                        let events = changes
-                            .iter()
-                            .filter(|c| w.wants(c))
-                            .map(|c| event_field(c, w.prev_kv))
-                            .collect();
-                        (events, upto)
+        if from < self.server.mvcc.compact_revision() {
+            return self.cancel_compacted(id).await;
+        }
+        let recent = match &shared.recent {
+            Some(r) if r.from == from && r.to == target => Some(r.clone()),
+            _ => {
+                let r = self.hub.recent(from, target).map(|revs| {
+                    Arc::new(Recent {
+                        from,
+                        to: target,
+                        revs,
                     })
+                });
+                shared.recent = r.clone();
+                r
             }
         };
-        let (events, upto) = match batch {
-            Ok(b) => b,
-            Err(Error::Compacted) => {
-                self.watchers.remove(&id);
-                let r = WatchResponse {
-                    header: Some(self.server.header(0)),
-                    watch_id: id,
-                    canceled: true,
-                    compact_revision: self.server.mvcc.compact_revision(),
-                    ..Default::default()
-                };
-                self.send(r).await?;
-                return Ok(false);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, watch_id = id, "reading watch history failed");
-                self.watchers.remove(&id);
-                let mut r = self.response(id, target);
-                r.canceled = true;
-                r.cancel_reason = e.to_string();
-                self.send(r).await?;
-                return Ok(false);
-            }
+        let Some(recent) = recent else {
+            return self.step_from_history(id, target, shared).await;
         };
+        // The common case: the revisions are in the hub's ring, their events encoded
+        // once and shared by every watcher at the same position.
+        let upto = recent.revs.last().map_or(target, |p| p.rev);
+        let w = &self.watchers[&id];
         let fragment = w.fragment;
-        if !events.is_empty() && !self.still_permitted(id) {
-            self.watchers.remove(&id);
-            let mut r = self.response(id, target);
-            r.canceled = true;
-            r.cancel_reason = PERMISSION_DENIED.into();
-            self.send(r).await?;
-            return Ok(false);
+        if wanted(&recent.revs, w).next().is_none() {
+            self.watchers.get_mut(&id).expect("present").next_rev = upto + 1;
+            return Ok(true);
         }
-        if let Some(w) = self.watchers.get_mut(&id) {
-            w.next_rev = upto + 1;
+        if !self.still_permitted(id, shared.auth(&self.server)) {
+            return self.cancel_denied(id, target).await;
         }
-        if !events.is_empty() {
-            let head = self.response(id, upto);
-            if fragment {
-                for part in split_fragments(head, &events, self.server.max_request_bytes) {
-                    self.send_wire(part).await?;
+        if fragment {
+            let events = wanted(&recent.revs, &self.watchers[&id]).cloned().collect();
+            return self.send_events(id, upto, events).await;
+        }
+        let head = shared.head(upto, &self.server);
+        self.out
+            .push_events(head, id, wanted(&recent.revs, &self.watchers[&id]));
+        self.watchers.get_mut(&id).expect("present").next_rev = upto + 1;
+        self.out.maybe_flush().await?;
+        Ok(true)
+    }
+
+    /// [`Self::step`] for a watcher behind the hub's ring: reads a bounded batch of
+    /// its revisions from the store's history.
+    async fn step_from_history(
+        &mut self,
+        id: i64,
+        target: i64,
+        shared: &mut Shared,
+    ) -> Result<bool, Closed> {
+        let w = &self.watchers[&id];
+        let to = target.min(self.hub.ring_start() - 1);
+        let (events, upto): (Vec<Bytes>, i64) =
+            match self
+                .server
+                .mvcc
+                .changes_between(w.next_rev, to, HISTORY_BATCH, w.prev_kv)
+            {
+                Ok((changes, upto)) => (
+                    changes
+                        .iter()
+                        .filter(|c| w.wants(c))
+                        .map(|c| event_field(c, w.prev_kv))
+                        .collect(),
+                    upto,
+                ),
+                Err(Error::Compacted) => return self.cancel_compacted(id).await,
+                Err(e) => {
+                    tracing::error!(error = %e, watch_id = id, "reading watch history failed");
+                    self.watchers.remove(&id);
+                    let mut r = self.response(id, target);
+                    r.canceled = true;
+                    r.cancel_reason = e.to_string();
+                    self.send(r).await?;
+                    return Ok(false);
                 }
-            } else {
-                self.send_wire(events_response(&head, &events)).await?;
+            };
+        if !events.is_empty() && !self.still_permitted(id, shared.auth(&self.server)) {
+            return self.cancel_denied(id, target).await;
+        }
+        self.send_events(id, upto, events).await
+    }
+
+    /// Sends watcher `id` the `events` that bring it to revision `upto` (split into
+    /// fragments if it asked for them) and moves it past `upto`.
+    async fn send_events(
+        &mut self,
+        id: i64,
+        upto: i64,
+        events: Vec<Bytes>,
+    ) -> Result<bool, Closed> {
+        let head = self.response(id, upto);
+        let Some(w) = self.watchers.get_mut(&id) else {
+            return Ok(false);
+        };
+        w.next_rev = upto + 1;
+        if events.is_empty() {
+            return Ok(true);
+        }
+        if w.fragment {
+            for part in split_fragments(head, &events, self.server.max_request_bytes) {
+                self.out.push_wire(&part);
+                self.out.maybe_flush().await?;
             }
+        } else {
+            self.out.push_wire(&events_response(&head, &events));
+            self.out.maybe_flush().await?;
         }
         Ok(true)
+    }
+
+    async fn cancel_compacted(&mut self, id: i64) -> Result<bool, Closed> {
+        self.watchers.remove(&id);
+        let r = WatchResponse {
+            header: Some(self.server.header(0)),
+            watch_id: id,
+            canceled: true,
+            compact_revision: self.server.mvcc.compact_revision(),
+            ..Default::default()
+        };
+        self.send(r).await?;
+        Ok(false)
+    }
+
+    async fn cancel_denied(&mut self, id: i64, target: i64) -> Result<bool, Closed> {
+        self.watchers.remove(&id);
+        let mut r = self.response(id, target);
+        r.canceled = true;
+        r.cancel_reason = PERMISSION_DENIED.into();
+        self.send(r).await?;
+        Ok(false)
     }
 
     /// Re-checks a watcher's read permission when the auth state changed since it was
     /// last confirmed. etcd checks only when a watcher is created; Pontoon also stops
     /// delivering to a watcher whose user lost the permission (or was deleted), so a
     /// revoked permission takes effect on open watches too.
-    fn still_permitted(&mut self, id: i64) -> bool {
-        let auth = self.server.mvcc.auth();
+    fn still_permitted(&mut self, id: i64, auth: &AuthState) -> bool {
         let Some(w) = self.watchers.get_mut(&id) else {
             return false;
         };
@@ -632,6 +836,72 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Splits a chunk into its gRPC messages, checking each prefix.
+    fn messages(mut chunk: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while !chunk.is_empty() {
+            assert_eq!(chunk[0], 0, "not compressed");
+            let len = u32::from_be_bytes(chunk[1..5].try_into().unwrap()) as usize;
+            out.push(chunk[5..5 + len].to_vec());
+            chunk = &chunk[5 + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_chunk_carries_every_queued_response_framed_in_order() {
+        let (tx, mut rx) = mpsc::channel(STREAM_CHUNKS);
+        let mut out = Outbox {
+            tx,
+            buf: BytesMut::new(),
+        };
+        let changes = changes();
+        let wire: Vec<Bytes> = changes.iter().map(|c| event_field(c, true)).collect();
+        let created = WatchResponse {
+            created: true,
+            ..head(7)
+        };
+        let mut expected = vec![created.encode_to_vec()];
+        out.push(&created);
+        let only_header = WatchResponse {
+            watch_id: 0,
+            ..head(0)
+        }
+        .encode_to_vec();
+        for watch_id in [0, 3, -1, i64::MAX] {
+            out.push_events(&only_header, watch_id, wire.iter());
+            let whole = WatchResponse {
+                events: changes.iter().map(|c| event(c, true)).collect(),
+                ..head(watch_id)
+            };
+            expected.push(whole.encode_to_vec());
+        }
+        out.push_wire(b"");
+        expected.push(Vec::new());
+        out.flush().await.ok().unwrap();
+        out.flush().await.ok().unwrap();
+        let chunk = rx.try_recv().unwrap();
+        assert!(rx.try_recv().is_err(), "an empty outbox sends nothing");
+        assert_eq!(messages(&chunk), expected);
+    }
+
+    #[tokio::test]
+    async fn the_body_ends_with_an_ok_status_once_the_stream_task_is_gone() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
+        let mut body = WireBody { rx, done: false };
+        tx.send(Bytes::from_static(b"one")).await.unwrap();
+        drop(tx);
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "one");
+        let last = body.frame().await.unwrap().unwrap();
+        let trailers = last.into_trailers().unwrap();
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert_eq!(trailers.len(), 1);
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
     }
 
     #[test]
