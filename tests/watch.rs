@@ -241,6 +241,49 @@ async fn many_watchers_per_stream_cancel_and_progress() {
     assert_eq!(r.header().unwrap().revision(), 5);
 }
 
+/// Creates sent back to back on one stream, more than a stream task takes at once:
+/// each is answered in order, and a watcher from a past revision gets its history
+/// before the next watcher's `created`, as if the requests came one at a time.
+#[tokio::test]
+async fn a_burst_of_creates_is_answered_in_order() {
+    let m = Member::start(Target::Pontoon);
+    let mut c = m.client().await;
+    let past = c.put("burst", "old", None).await.unwrap();
+    let past_rev = past.header().unwrap().revision();
+    let mut w = c.watch("burst", None).await.unwrap();
+    assert!(next(&mut w).await.created());
+    const N: i64 = 600;
+    for id in 1..=N {
+        let mut opts = WatchOptions::new().with_watch_id(id);
+        if id % 3 == 0 {
+            opts = opts.with_start_revision(past_rev);
+        }
+        w.watch("burst", Some(opts)).await.unwrap();
+    }
+    for id in 1..=N {
+        let r = next(&mut w).await;
+        assert!(r.created() && !r.canceled(), "watcher {id}: {r:?}");
+        assert_eq!(r.watch_id(), id);
+        if id % 3 == 0 {
+            let r = next(&mut w).await;
+            assert_eq!(r.watch_id(), id, "history right after its created");
+            assert_eq!(
+                events(&r),
+                [(EventType::Put, "burst".into(), "old".into(), past_rev)]
+            );
+        }
+    }
+    c.put("burst", "new", None).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..=N {
+        let r = next(&mut w).await;
+        assert_eq!(events(&r)[0].2, "new");
+        ids.push(r.watch_id());
+    }
+    ids.sort();
+    assert_eq!(ids, (0..=N).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn progress_notify_at_an_interval() {
     let m = Member::start_with(

@@ -21,7 +21,9 @@
 //! (flag byte, length, message) into one buffer, its [`Outbox`], and hands the buffer
 //! to the connection as one chunk when it has done what woke it (or once the buffer
 //! holds [`CHUNK_BYTES`]): a revision seen by a hundred watchers of the stream is one
-//! hand-off and one HTTP/2 write, not a hundred. The header, which every watcher
+//! hand-off and one HTTP/2 write, not a hundred, and so is a burst of requests already
+//! received (up to [`REQUESTS_PER_WAKE`]), such as a client creating its watchers at
+//! start. The header, which every watcher
 //! brought to the same revision shares, is encoded once per wake-up too. The gRPC
 //! service is therefore written here rather than generated ([`WatchGrpc`]): the
 //! generated one takes `WatchResponse` structs, encodes and frames each, and sends each
@@ -39,6 +41,7 @@ use std::time::Duration;
 use std::pin::Pin;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::FutureExt;
 use http_body::Frame;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -61,6 +64,8 @@ use crate::watch::{event_field, Published, WatchHub};
 /// Changes read from history per step, so a far-behind watcher is caught up in
 /// bounded memory.
 const HISTORY_BATCH: usize = 1000;
+/// Requests a stream task takes, when they are already there, before it answers them.
+const REQUESTS_PER_WAKE: usize = 256;
 /// Bytes of framed responses a stream task gathers before handing them over.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Chunks handed over but not yet taken by the connection before the stream task
@@ -284,7 +289,9 @@ impl Outbox {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = self.buf.split().freeze();
+        // The whole buffer goes, spare capacity included: an idle stream keeps no
+        // allocation (a `split` would keep the rest of it, and with it the chunk's).
+        let chunk = std::mem::take(&mut self.buf).freeze();
         self.tx.send(chunk).await.map_err(|_| Closed)
     }
 }
@@ -399,6 +406,24 @@ impl WatchStream {
                     Ok(Some(req)) => {
                         if self.on_request(req).await.is_err() {
                             return;
+                        }
+                        // Requests already received are taken before answering (each
+                        // served, deliveries included, before the next, as one at a
+                        // time): a burst of creates is answered in one chunk.
+                        for _ in 1..REQUESTS_PER_WAKE {
+                            let Some(msg) = inbound.message().now_or_never() else {
+                                break;
+                            };
+                            if self.deliver().await.is_err() {
+                                return;
+                            }
+                            let Ok(Some(req)) = msg else {
+                                let _ = self.out.flush().await;
+                                return;
+                            };
+                            if self.on_request(req).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     // Client closed its side or the transport failed: done.
