@@ -23,22 +23,24 @@
 //! holds [`CHUNK_BYTES`]): a revision seen by a hundred watchers of the stream is one
 //! hand-off and one HTTP/2 write, not a hundred, and so is a burst of requests already
 //! received (up to [`REQUESTS_PER_WAKE`]), such as a client creating its watchers at
-//! start. The header, which every watcher
-//! brought to the same revision shares, is encoded once per wake-up too. The gRPC
-//! service is therefore written here rather than generated ([`WatchGrpc`]): the
-//! generated one takes `WatchResponse` structs, encodes and frames each, and sends each
-//! on its own. Invariants: messages leave in the order they were queued; everything
-//! queued is handed over before the task waits for anything else (a request, a
-//! publication, a timer); the task holds at most [`STREAM_CHUNKS`] chunks the client
-//! has not taken before it waits for the client.
+//! start. The header, which every watcher brought to the same revision shares, is
+//! encoded once per wake-up too. The gRPC service is therefore written here rather
+//! than generated ([`WatchGrpc`]): the generated one takes `WatchResponse` structs,
+//! encodes and frames each, and sends each on its own. Invariants:
+//!
+//! - messages leave in the order they were queued, and requests are served in the
+//!   order they came, each with its deliveries, as if they came one at a time;
+//! - everything queued is handed over before the task waits for anything else (a
+//!   request, a publication, a timer);
+//! - the task holds at most [`STREAM_CHUNKS`] chunks the client has not taken before
+//!   it waits for the client.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::pin::Pin;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
@@ -67,10 +69,10 @@ const HISTORY_BATCH: usize = 1000;
 /// Requests a stream task takes, when they are already there, before it answers them.
 const REQUESTS_PER_WAKE: usize = 256;
 /// Bytes of framed responses a stream task gathers before handing them over.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+const CHUNK_BYTES: usize = 64 * 1024;
 /// Chunks handed over but not yet taken by the connection before the stream task
 /// waits for the client.
-pub const STREAM_CHUNKS: usize = 4;
+const STREAM_CHUNKS: usize = 4;
 
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 /// etcd's cancel reason for a watch the user may not read (a gRPC error's text).
