@@ -299,7 +299,9 @@ impl Outbox {
 }
 
 /// An event response in wire form: `head` (header, watch ID, fragment flag; no
-/// events) followed by encoded `events` fields.
+/// events) followed by encoded `events` fields. Used for the parts of a fragmented
+/// response ([`split_fragments`]); whole ones are written straight into the outbox
+/// ([`Outbox::push_events`]).
 fn events_response(head: &WatchResponse, events: &[Bytes]) -> Bytes {
     let len = head.encoded_len() + events.iter().map(Bytes::len).sum::<usize>();
     let mut buf = BytesMut::with_capacity(len);
@@ -623,7 +625,7 @@ impl WatchStream {
         }
         if fragment {
             let events = wanted(&recent.revs, &self.watchers[&id]).cloned().collect();
-            return self.send_events(id, upto, events).await;
+            return self.send_events(id, upto, events, shared).await;
         }
         let head = shared.head(upto, &self.server);
         self.out
@@ -671,7 +673,7 @@ impl WatchStream {
         if !events.is_empty() && !self.still_permitted(id, shared.auth(&self.server)) {
             return self.cancel_denied(id, target).await;
         }
-        self.send_events(id, upto, events).await
+        self.send_events(id, upto, events, shared).await
     }
 
     /// Sends watcher `id` the `events` that bring it to revision `upto` (split into
@@ -681,8 +683,8 @@ impl WatchStream {
         id: i64,
         upto: i64,
         events: Vec<Bytes>,
+        shared: &mut Shared,
     ) -> Result<bool, Closed> {
-        let head = self.response(id, upto);
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(false);
         };
@@ -691,12 +693,14 @@ impl WatchStream {
             return Ok(true);
         }
         if w.fragment {
+            let head = self.response(id, upto);
             for part in split_fragments(head, &events, self.server.max_request_bytes) {
                 self.out.push_wire(&part);
                 self.out.maybe_flush().await?;
             }
         } else {
-            self.out.push_wire(&events_response(&head, &events));
+            let head = shared.head(upto, &self.server);
+            self.out.push_events(head, id, events.iter());
             self.out.maybe_flush().await?;
         }
         Ok(true)
