@@ -574,6 +574,18 @@ mod tests {
         wal
     }
 
+    /// A WAL of entries `1..=last` (term 1) in two segments: the first holds 1-10
+    /// and was cut with a mark at 3 (so the second opens with that mark), the second
+    /// holds the rest.
+    fn cut_after_ten(dir: &Path, last: u64) -> Wal {
+        let ents: Vec<_> = (1..=last).map(|i| entry(i, 1)).collect();
+        let mut wal = synced_wal(dir, &ents[..10]);
+        wal.mark(&mark_at(3)).unwrap();
+        wal.cut(&mark_at(3), &hs(1, 10)).unwrap();
+        wal.append(&ents[10..]).unwrap();
+        wal
+    }
+
     /// Opening the WAL in `dir` must fail as corrupt; returns why. `what` names the
     /// damage in the panic message otherwise.
     fn open_corrupt(dir: &Path, what: &str) -> String {
@@ -804,14 +816,11 @@ mod tests {
     #[test]
     fn cut_segments_are_released_once_a_mark_covers_them() {
         let dir = tempfile::tempdir().unwrap();
-        let ents: Vec<_> = (1..=30).map(|i| entry(i, 1)).collect();
-        let mut wal = synced_wal(dir.path(), &ents[..10]);
-        wal.mark(&mark_at(3)).unwrap();
-        wal.cut(&mark_at(3), &hs(1, 10)).unwrap();
-        wal.append(&ents[10..20]).unwrap();
+        let mut wal = cut_after_ten(dir.path(), 20);
         wal.mark(&mark_at(8)).unwrap();
         wal.cut(&mark_at(8), &hs(1, 20)).unwrap();
-        wal.append(&ents[20..]).unwrap();
+        wal.append(&(21..=30).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
         wal.sync().unwrap();
         // Segment 1 holds entries up to 10: a mark at 8 does not cover it.
         assert_eq!(wal.release(8).unwrap(), 0);
@@ -845,11 +854,7 @@ mod tests {
     #[test]
     fn a_lost_segment_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let ents: Vec<_> = (1..=20).map(|i| entry(i, 1)).collect();
-        let mut wal = synced_wal(dir.path(), &ents[..10]);
-        wal.mark(&mark_at(3)).unwrap();
-        wal.cut(&mark_at(3), &hs(1, 10)).unwrap();
-        wal.append(&ents[10..]).unwrap();
+        let mut wal = cut_after_ten(dir.path(), 20);
         wal.sync().unwrap();
         drop(wal);
         // Entries 4-10 are needed (the mark is at 3) and only segment 1 held them.
