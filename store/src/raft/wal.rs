@@ -304,8 +304,13 @@ impl Wal {
 
     /// Records a new hard state (not yet durable: see [`Wal::sync`]).
     pub fn set_hard_state(&mut self, hs: &HardState) -> Result<()> {
+        self.write_one(KIND_HARD_STATE, &pb_bytes(hs))
+    }
+
+    /// Writes one record (not yet durable).
+    fn write_one(&mut self, kind: u8, payload: &[u8]) -> Result<()> {
         let mut buf = Vec::new();
-        encode_record(KIND_HARD_STATE, &pb_bytes(hs), &mut buf);
+        encode_record(kind, payload, &mut buf);
         self.write_records(&buf)?;
         self.dirty = true;
         Ok(())
@@ -327,11 +332,7 @@ impl Wal {
     /// Records that the log now starts after `snapshot` (not yet durable: see
     /// [`Wal::sync`]). Entries at or before its index are dropped at replay.
     pub fn mark(&mut self, snapshot: &SnapshotMetadata) -> Result<()> {
-        let mut buf = Vec::new();
-        encode_record(KIND_SNAPSHOT, &pb_bytes(snapshot), &mut buf);
-        self.write_records(&buf)?;
-        self.dirty = true;
-        Ok(())
+        self.write_one(KIND_SNAPSHOT, &pb_bytes(snapshot))
     }
 
     /// Bytes of records in the current segment.
@@ -764,19 +765,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
         let mut wal = synced_wal(dir.path(), &ents);
-        let snap = SnapshotMetadata {
-            index: 7,
-            term: 1,
-            ..Default::default()
-        };
-        wal.rewrite(&snap, &hs(1, 10), &ents[7..]).unwrap();
-        wal.append(&[entry(11, 1)]).unwrap();
-        wal.sync().unwrap();
-        drop(wal);
-        assert_eq!(segments(dir.path()).unwrap().len(), 1);
-        let (_, s) = Wal::open(dir.path()).unwrap();
-        assert_eq!(s.snapshot.index, 7);
-        assert_eq!(indexes(&s), vec![(8, 1), (9, 1), (10, 1), (11, 1)]);
+        wal.rewrite(&mark_at(7), &hs(1, 10), &ents[7..]).unwrap();
+        let s = append_eleven_and_reopen(wal, dir.path());
         assert_eq!(s.hard_state.commit, 10);
     }
 
@@ -786,6 +776,19 @@ mod tests {
             term: 1,
             ..Default::default()
         }
+    }
+
+    /// Appends entry 11 to a log of entries 1-10 truncated at 7, reopens it, and checks
+    /// that one segment holds the mark at 7 and entries 8-11.
+    fn append_eleven_and_reopen(mut wal: Wal, dir: &Path) -> WalState {
+        wal.append(&[entry(11, 1)]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        assert_eq!(segments(dir).unwrap().len(), 1);
+        let (_, s) = Wal::open(dir).unwrap();
+        assert_eq!(s.snapshot.index, 7);
+        assert_eq!(indexes(&s), vec![(8, 1), (9, 1), (10, 1), (11, 1)]);
+        s
     }
 
     #[test]
@@ -801,13 +804,7 @@ mod tests {
             wal.end - end < 64,
             "the mark alone was written, no entry again"
         );
-        wal.append(&[entry(11, 1)]).unwrap();
-        wal.sync().unwrap();
-        drop(wal);
-        assert_eq!(segments(dir.path()).unwrap().len(), 1);
-        let (_, s) = Wal::open(dir.path()).unwrap();
-        assert_eq!(s.snapshot.index, 7);
-        assert_eq!(indexes(&s), vec![(8, 1), (9, 1), (10, 1), (11, 1)]);
+        append_eleven_and_reopen(wal, dir.path());
     }
 
     /// Segments are cut and later released once a durable mark covers all their
